@@ -1,0 +1,29 @@
+# Two commands a new user types: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUILD ?= build
+
+.PHONY: setup test lint demo clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[export,dev]"
+	touch $@
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/sbcrt export efficientnet_lite0 -o $(BUILD)/efficientnet_lite0.onnx
+	$(BIN)/sbcrt classify --model $(BUILD)/efficientnet_lite0.onnx sbcrt/data/samples/chelsea.png sbcrt/data/samples/coffee.png
+
+clean:
+	rm -rf $(BUILD) $(VENV) *.egg-info

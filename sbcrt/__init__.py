@@ -1,0 +1,24 @@
+"""sbcrt: a small, torch-free runtime for image classifiers (SBCFormer, EfficientNet-Lite0) on SBCs.
+
+`import sbcrt` stays light: heavy modules (onnxruntime, OpenCV, torch for export) load on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from sbcrt.classifier import Classifier, Result
+
+__all__ = ["Classifier", "Result", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the Classifier pulls in onnxruntime, which a CLI `--help` or the export stage never needs.
+    if name in ("Classifier", "Result"):
+        from sbcrt import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module 'sbcrt' has no attribute {name!r}")

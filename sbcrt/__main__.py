@@ -1,0 +1,3 @@
+from sbcrt.cli import main
+
+raise SystemExit(main())

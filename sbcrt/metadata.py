@@ -1,0 +1,65 @@
+"""The model config that travels inside the ONNX file (`metadata_props`), shared by export and runtime.
+
+Every value is stored as a JSON string under a plain key, so any ONNX tool can read it and the runtime
+needs nothing but the .onnx file. Keep this module free of heavy imports: the runtime reads it on the Pi.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "sbcrt.format"
+
+
+@dataclass
+class ModelConfig:
+    """What a runtime needs to turn a photo into the model's input and its output into names."""
+
+    architecture: str = "unknown"
+    num_classes: int = 1000
+    labels: list[str] = field(default_factory=list)
+    input_size: list[int] = field(default_factory=lambda: [3, 224, 224])  # C, H, W
+    resize_size: int = 256  # shorter side before the centre crop
+    crop_size: int = 224
+    interpolation: str = "bicubic"
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    checkpoint_sha256: str = ""
+    exporter: str = ""
+    untrained: bool = False
+    precision: str = "fp32"
+
+    def to_props(self) -> dict[str, str]:
+        props = {key: json.dumps(value) for key, value in asdict(self).items()}
+        props[FORMAT_KEY] = str(FORMAT_VERSION)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ModelConfig | None:
+        """The config stored by `to_props`, or None for a model exported without sbcrt."""
+        if FORMAT_KEY not in props:
+            return None
+        known = {f.name for f in fields(cls)}
+        values = {}
+        for key, raw in props.items():
+            if key in known:
+                try:
+                    values[key] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"model metadata {key!r} is not valid JSON: {raw[:60]!r}") from exc
+        return cls(**values)
+
+
+def imagenet_labels() -> list[str]:
+    """The 1000 ImageNet-1K class names in index order (short names; a few repeat, e.g. 'crane')."""
+    text = resources.files("sbcrt").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    return [line.split(" ", 1)[1].strip() for line in text.splitlines() if line.strip()]
+
+
+def read_labels_file(path: str) -> list[str]:
+    """One label per line; blank lines are ignored. `<synset> <name>` lines keep the whole line."""
+    with open(path, encoding="utf-8") as fh:
+        return [line.strip() for line in fh if line.strip()]
