@@ -1,0 +1,1 @@
+"""PyTorch definitions of the supported architectures and their registry (export stage only)."""
