@@ -1,0 +1,1 @@
+"""Export stage: PyTorch checkpoints to fused, verified, self-describing ONNX (needs torch)."""

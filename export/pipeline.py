@@ -1,0 +1,291 @@
+"""`sbcrt export`: weights -> prepared model -> ONNX -> verified against PyTorch -> one self-describing file.
+
+Nothing is written unless every check passes; the file appears atomically (write, then rename).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from sbcrt import __version__
+from sbcrt.errors import SbcrtError, UsageError
+from sbcrt.export import graph
+from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
+from sbcrt.export.fold import prepare_for_export
+from sbcrt.export.random_weights import randomize
+from sbcrt.metadata import ModelConfig, imagenet_labels, read_labels_file
+from sbcrt.models.registry import Architecture, get_architecture
+
+# ONNX vs PyTorch: max |difference| of the logits must stay within this fraction of the largest |logit|.
+RELATIVE_TOLERANCE = 1e-4
+RANDOM_SEEDS = (0, 1)
+MAX_VERIFY_IMAGES = 16
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ParityCheck:
+    inputs: str
+    max_abs_diff: float
+    logit_scale: float
+    same_top1: bool
+
+    @property
+    def tolerance(self) -> float:
+        return RELATIVE_TOLERANCE * self.logit_scale
+
+    @property
+    def passed(self) -> bool:
+        # Top-1 is reported, not enforced: within the tolerance it can only flip on a near-tie.
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class ExportReport:
+    arch: str
+    output: Path
+    weights: str
+    parameters: int
+    macs: int
+    nodes_raw: int | None  # the exporter's raw translation of the unfolded model (if asked for)
+    nodes_final: int
+    ops_raw: dict[str, int] | None
+    ops_final: dict[str, int]
+    folded: dict[str, int]
+    parity: list[ParityCheck] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    size_bytes: int = 0
+
+    def render(self) -> str:
+        def ops(counts: dict[str, int], names: tuple[str, ...]) -> str:
+            return ", ".join(f"{n} {counts.get(n, 0)}" for n in names)
+
+        watched = ("BatchNormalization", "GatherND", "Pad", "LayerNormalization", "HardSigmoid")
+        lines = [
+            f"exported {self.arch} -> {self.output} ({self.size_bytes / 1e6:.1f} MB, {self.seconds:.1f} s)",
+            f"  weights     {self.weights}",
+            f"  parameters  {self.parameters / 1e6:.2f} M    MACs {self.macs / 1e9:.3f} G (224x224, batch 1)",
+            f"  folded      {self.folded['batchnorms_folded']} BatchNorms into convolutions, "
+            f"{self.folded['attention_tables']} attention bias tables into constants",
+        ]
+        if self.ops_raw is None:
+            lines.append(f"  graph nodes {self.nodes_final}: {ops(self.ops_final, watched)}")
+        else:
+            lines += [
+                f"  graph nodes {self.nodes_raw} raw -> {self.nodes_final} final",
+                f"    raw:   {ops(self.ops_raw, watched)}",
+                f"    final: {ops(self.ops_final, watched)}",
+            ]
+        lines.append(
+            f"  parity vs PyTorch (max |ONNX - PyTorch| logit, tolerance {RELATIVE_TOLERANCE:g} x logit scale):"
+        )
+        for check in self.parity:
+            verdict = "ok" if check.passed else "FAILED"
+            lines.append(
+                f"    {check.inputs:<28} {check.max_abs_diff:.2e} <= {check.tolerance:.2e}  "
+                f"top-1 {'same' if check.same_top1 else 'DIFFERS'}  {verdict}"
+            )
+        lines += [f"  note: {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def export_model(
+    arch: str,
+    output: Path,
+    *,
+    checkpoint: Path | None = None,
+    random_init: bool = False,
+    labels_path: Path | None = None,
+    verify_images: Path | None = None,
+    opset: int = 18,
+    seed: int = 0,
+    raw_graph_stats: bool = True,
+) -> ExportReport:
+    """Export `arch` to `output`; raises SbcrtError (and writes nothing) if any check fails.
+
+    `raw_graph_stats` also translates the unfolded model without clean-up, only to report what folding
+    removed (node counts); it costs a second export.
+    """
+    started = time.perf_counter()
+    if opset < 17:
+        raise UsageError("opset must be >= 17 (LayerNormalization is one op from opset 17)")
+    spec = get_architecture(arch)
+    output = Path(output)
+    if output.is_dir():
+        raise UsageError(f"{output} is a folder; give the .onnx file to write")
+
+    model, weights_desc, sha256 = _load_model(spec, checkpoint, random_init, seed)
+    notes: list[str] = []
+    labels = _labels(model.num_classes, labels_path, notes)
+    parameters = sum(p.numel() for p in model.parameters())  # unique tensors: aliases count once
+
+    raw = graph.to_onnx(model, spec.data.input_size, opset, optimize=False) if raw_graph_stats else None
+    prepared = copy.deepcopy(model)
+    folded = prepare_for_export(prepared)
+    final = graph.to_onnx(prepared, spec.data.input_size, opset)
+    final_ops = graph.op_counts(final)
+    if final_ops.get("BatchNormalization"):
+        raise SbcrtError("internal error: the exported graph still holds BatchNormalization nodes")
+
+    config = ModelConfig(
+        architecture=spec.name,
+        num_classes=model.num_classes,
+        labels=labels,
+        input_size=list(spec.data.input_size),
+        resize_size=spec.data.resize_size,
+        crop_size=spec.data.crop_size,
+        interpolation=spec.data.interpolation,
+        mean=list(spec.data.mean),
+        std=list(spec.data.std),
+        checkpoint_sha256=sha256,
+        exporter=f"sbcrt {__version__} (torch {torch.__version__}, onnx {onnx.__version__}, opset {opset})",
+        untrained=random_init,
+    )
+    _set_metadata(final, config)
+    try:
+        onnx.checker.check_model(final, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SbcrtError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
+
+    payload = final.SerializeToString()
+    parity = _check_parity(model, payload, config, verify_images)
+    report = ExportReport(
+        arch=spec.name,
+        output=output,
+        weights=weights_desc,
+        parameters=parameters,
+        macs=graph.count_macs(final),
+        nodes_raw=len(raw.graph.node) if raw else None,
+        nodes_final=len(final.graph.node),
+        ops_raw=dict(graph.op_counts(raw)) if raw else None,
+        ops_final=dict(final_ops),
+        folded=folded,
+        parity=parity,
+        notes=notes,
+    )
+    failed = [c for c in parity if not c.passed]
+    if failed:
+        raise SbcrtError(
+            f"ONNX output differs from PyTorch on {failed[0].inputs}: max |diff| {failed[0].max_abs_diff:.3g} > "
+            f"{failed[0].tolerance:.3g}; nothing written.\n{report.render()}"
+        )
+    _write_atomically(output, payload)
+    report.size_bytes = len(payload)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _load_model(
+    spec: Architecture, checkpoint: Path | None, random_init: bool, seed: int
+) -> tuple[torch.nn.Module, str, str]:
+    if random_init:
+        model = randomize(spec.build(1000), seed)
+        return model, f"random (seed {seed}), UNTRAINED: for speed tests only", ""
+    if checkpoint is None:
+        if spec.default_weights is None:
+            raise UsageError(f"{spec.name} needs weights: {spec.weights_hint}, or --random-init for speed tests")
+        checkpoint = spec.default_weights()
+    ckpt = load_checkpoint(checkpoint)
+    model = spec.build(num_classes_of(ckpt.state_dict, spec.classifier_key))
+    load_weights(model, ckpt.state_dict, spec.name)
+    return model.eval(), f"{checkpoint} ({ckpt.layout} layout, sha256 {ckpt.sha256[:12]}…)", ckpt.sha256
+
+
+def _labels(num_classes: int, labels_path: Path | None, notes: list[str]) -> list[str]:
+    if labels_path is not None:
+        if not Path(labels_path).is_file():
+            raise UsageError(f"labels file not found: {labels_path}")
+        labels = read_labels_file(str(labels_path))
+        if len(labels) != num_classes:
+            raise UsageError(f"{labels_path} has {len(labels)} labels but the model has {num_classes} classes")
+        return labels
+    if num_classes == 1000:
+        return imagenet_labels()
+    notes.append(
+        f"the model has {num_classes} classes and no --labels: they are named class_0 .. class_{num_classes - 1}"
+    )
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def _set_metadata(model: onnx.ModelProto, config: ModelConfig) -> None:
+    props = config.to_props()
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = "sbcrt"
+    model.producer_version = __version__
+    model.doc_string = f"{config.architecture} exported by sbcrt {__version__}; see metadata_props."
+
+
+def _verification_photos(extra_dir: Path | None) -> list[Path]:
+    samples = resources.files("sbcrt").joinpath("data/samples")
+    photos = [Path(str(samples.joinpath(name))) for name in ("chelsea.png", "coffee.png")]
+    if extra_dir is not None:
+        if not Path(extra_dir).is_dir():
+            raise UsageError(f"--verify-images: {extra_dir} is not a folder")
+        found = sorted(p for p in Path(extra_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        photos += found[:MAX_VERIFY_IMAGES]
+    return photos
+
+
+def _check_parity(
+    model: torch.nn.Module, payload: bytes, config: ModelConfig, verify_images: Path | None
+) -> list[ParityCheck]:
+    """Run the written bytes in onnxruntime and the unfolded PyTorch model on the same inputs."""
+    import onnxruntime as ort
+
+    from sbcrt.images import open_image
+    from sbcrt.preprocess import Preprocessing, preprocess_image
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    size = tuple(config.input_size)
+    batches = []
+    for seed in RANDOM_SEEDS:
+        generator = np.random.default_rng(seed)
+        batches.append((f"random normal (seed {seed})", generator.standard_normal((2, *size), dtype=np.float32)))
+    preprocessing = Preprocessing.from_config(config)
+    photos = _verification_photos(verify_images)
+    pixels = np.concatenate([preprocess_image(open_image(p), preprocessing) for p in photos])
+    batches.append((f"{len(photos)} real photos", pixels))
+
+    checks = []
+    for name, batch in batches:
+        with torch.no_grad():
+            expected = model(torch.from_numpy(batch)).numpy()
+        got = session.run([graph.OUTPUT_NAME], {graph.INPUT_NAME: batch})[0]
+        checks.append(
+            ParityCheck(
+                inputs=name,
+                max_abs_diff=float(np.max(np.abs(got - expected))),
+                logit_scale=float(np.max(np.abs(expected))),
+                same_top1=bool(np.array_equal(got.argmax(1), expected.argmax(1))),
+            )
+        )
+    return checks
+
+
+def _write_atomically(output: Path, payload: bytes) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, output)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""`sbcrt export`: PyTorch weights to one fused, verified, self-describing ONNX file (workstation side)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from sbcrt.errors import UsageError
+
+EXPORT_NEEDS = 'the export stage needs PyTorch and ONNX: pip install "sbcrt[export]"'
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX (needs sbcrt[export])",
+        description="Export trained PyTorch weights to one ONNX file with BatchNorm folded, the model's "
+        "preprocessing and labels in its metadata, checked against PyTorch before it is written.",
+    )
+    p.add_argument("arch", help="architecture: sbcformer_xs, sbcformer_s, sbcformer_b, sbcformer_l, efficientnet_lite0")
+    p.add_argument("-o", "--output", required=True, type=Path, help="the .onnx file to write")
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument("--checkpoint", type=Path, help="a .pth checkpoint (authors', bare, DDP or timm layout)")
+    weights.add_argument(
+        "--random-init", action="store_true", help="seeded random weights, for speed tests only (marked untrained)"
+    )
+    p.add_argument("--labels", type=Path, help="class names, one per line (default: the 1000 ImageNet classes)")
+    p.add_argument("--verify-images", type=Path, help="a folder of photos to compare ONNX and PyTorch on")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization; default 18)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from sbcrt.export.pipeline import export_model
+    except ImportError as exc:  # a runtime-only install (the Pi) has no torch/onnx
+        raise UsageError(f"{EXPORT_NEEDS} ({exc.name} is missing)") from None
+    report = export_model(
+        args.arch,
+        args.output,
+        checkpoint=args.checkpoint,
+        random_init=args.random_init,
+        labels_path=args.labels,
+        verify_images=args.verify_images,
+        opset=args.opset,
+    )
+    print(report.render())
+    return 0
