@@ -10,13 +10,11 @@ from sbcrt import __version__
 from sbcrt.errors import SbcrtError, UsageError
 
 # Each module has `register(subparsers)` (argparse only, no heavy imports) and `run(args) -> int`.
-COMMANDS = ("export", "classify", "info")
+COMMANDS = ("export", "classify", "info", "watch", "eval", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sbcrt", description="Edge inference runtime for single-board computers."
-    )
+    parser = argparse.ArgumentParser(prog="sbcrt", description="Edge inference runtime for single-board computers.")
     parser.add_argument("--version", action="version", version=f"sbcrt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
