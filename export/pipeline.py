@@ -19,10 +19,11 @@ import torch
 
 from sbcrt import __version__
 from sbcrt.errors import SbcrtError, UsageError
-from sbcrt.export import graph
+from sbcrt.export import graph, quantize
 from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
+from sbcrt.export.rewrite import rewrite_for_inference
 from sbcrt.metadata import ModelConfig, imagenet_labels, read_labels_file
 from sbcrt.models.registry import Architecture, get_architecture
 
@@ -64,6 +65,7 @@ class ExportReport:
     folded: dict[str, int]
     parity: list[ParityCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    int8: quantize.Int8Agreement | None = None  # set for an int8 export
     seconds: float = 0.0
     size_bytes: int = 0
 
@@ -96,6 +98,8 @@ class ExportReport:
                 f"    {check.inputs:<28} {check.max_abs_diff:.2e} <= {check.tolerance:.2e}  "
                 f"top-1 {'same' if check.same_top1 else 'DIFFERS'}  {verdict}"
             )
+        if self.int8 is not None:
+            lines.append(f"  int8 (static QDQ, checked fp32 graph above) vs fp32: {self.int8.render()}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -108,20 +112,31 @@ def export_model(
     random_init: bool = False,
     labels_path: Path | None = None,
     verify_images: Path | None = None,
-    opset: int = 18,
+    opset: int = 20,
     seed: int = 0,
     raw_graph_stats: bool = True,
+    rewrite: bool = True,
+    int8: bool = False,
+    calib_dir: Path | None = None,
+    calib_count: int = 100,
+    keep_fp32: list[str] | None = None,
 ) -> ExportReport:
     """Export `arch` to `output`; raises SbcrtError (and writes nothing) if any check fails.
 
     `raw_graph_stats` also translates the unfolded model without clean-up, only to report what folding
-    removed (node counts); it costs a second export.
+    removed (node counts); it costs a second export. `rewrite=False` skips the layout rewrites
+    (export/rewrite.py), for comparisons: the graph is then the folded authors' structure.
+    `int8` writes a statically quantised model instead (export/quantize.py), calibrated on `calib_count`
+    photos of `calib_dir`, after the fp32 graph has passed its parity check.
     """
     started = time.perf_counter()
     if opset < 17:
-        raise UsageError("opset must be >= 17 (LayerNormalization is one op from opset 17)")
+        raise UsageError("opset must be >= 17 (LayerNormalization is one op from opset 17; GELU from 20)")
     spec = get_architecture(arch)
     output = Path(output)
+    if int8 and calib_dir is None:
+        raise UsageError("--int8 needs --calib DIR: photos like the ones the model will see, for calibration")
+    calibration, holdout = quantize.split_photos(calib_dir, calib_count) if int8 else ([], [])
     if output.is_dir():
         raise UsageError(f"{output} is a folder; give the .onnx file to write")
 
@@ -133,6 +148,8 @@ def export_model(
     raw = graph.to_onnx(model, spec.data.input_size, opset, optimize=False) if raw_graph_stats else None
     prepared = copy.deepcopy(model)
     folded = prepare_for_export(prepared)
+    if rewrite:
+        prepared = rewrite_for_inference(prepared)
     final = graph.to_onnx(prepared, spec.data.input_size, opset)
     final_ops = graph.op_counts(final)
     if final_ops.get("BatchNormalization"):
@@ -153,19 +170,26 @@ def export_model(
         untrained=random_init,
     )
     _set_metadata(final, config)
-    try:
-        onnx.checker.check_model(final, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise SbcrtError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
+    _check_graph(final)
+    macs = graph.count_macs(final)
 
     payload = final.SerializeToString()
     parity = _check_parity(model, payload, config, verify_images)
+    agreement = None
+    if int8 and all(c.passed for c in parity):
+        config.precision = "int8"
+        quantized = quantize.quantize_int8(final, config, calibration, keep_fp32)
+        _set_metadata(quantized, config)
+        _check_graph(quantized)
+        int8_payload = quantized.SerializeToString()
+        agreement = quantize.measure_agreement(payload, int8_payload, config, holdout)
+        final, payload, final_ops = quantized, int8_payload, graph.op_counts(quantized)
     report = ExportReport(
         arch=spec.name,
         output=output,
         weights=weights_desc,
         parameters=parameters,
-        macs=graph.count_macs(final),
+        macs=macs,
         nodes_raw=len(raw.graph.node) if raw else None,
         nodes_final=len(final.graph.node),
         ops_raw=dict(graph.op_counts(raw)) if raw else None,
@@ -173,6 +197,7 @@ def export_model(
         folded=folded,
         parity=parity,
         notes=notes,
+        int8=agreement,
     )
     failed = [c for c in parity if not c.passed]
     if failed:
@@ -228,6 +253,13 @@ def _set_metadata(model: onnx.ModelProto, config: ModelConfig) -> None:
     model.producer_name = "sbcrt"
     model.producer_version = __version__
     model.doc_string = f"{config.architecture} exported by sbcrt {__version__}; see metadata_props."
+
+
+def _check_graph(model: onnx.ModelProto) -> None:
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SbcrtError(f"onnx.checker rejected the exported graph: {str(exc).splitlines()[0]}") from None
 
 
 def _verification_photos(extra_dir: Path | None) -> list[Path]:

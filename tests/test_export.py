@@ -18,6 +18,7 @@ import torch
 from sbcrt.errors import SbcrtError
 from sbcrt.export import pipeline
 from sbcrt.export.checkpoint import load_checkpoint, load_weights
+from sbcrt.export.graph import op_counts as graph_ops
 from sbcrt.export.pipeline import export_model
 from sbcrt.images import open_image
 from sbcrt.metadata import ModelConfig
@@ -64,6 +65,7 @@ def test_sbcformer_export_matches_pytorch_and_is_fused(sbcformer_export) -> None
     n_mattn = sum(k.startswith("sbcformer_blocks.") and k.endswith(".norm1.weight") for k in state_dict)
     assert counts["LayerNormalization"] == 2 * n_mattn + 1  # one op per LayerNorm, the head's included
     assert counts["HardSigmoid"] == 3
+    assert counts["Gelu"] > 0 and "Erf" not in counts and "Concat" not in counts  # opset 20 GELU; split fusion
     assert report.macs / 1e9 == pytest.approx(PAPER_GMACS[arch], abs=0.006)
 
     # An independent check of the written file: onnxruntime vs eager PyTorch on a real photo.
@@ -120,6 +122,38 @@ def test_lite0_reaches_the_reference_accuracy_on_real_photos(lite0_onnx: Path, i
         expected = model(torch.from_numpy(batch[::10])).numpy()
     assert np.array_equal(expected.argmax(1), logits[::10].argmax(1))
     assert np.abs(expected - logits[::10]).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_int8_export_stays_within_a_point_of_fp32(shared_dir: Path, imagenet_samples, tmp_path: Path) -> None:
+    out = tmp_path / "lite0_int8.onnx"
+    photos = shared_dir / "data" / "imagenet-samples"
+    report = export_model("efficientnet_lite0", out, int8=True, calib_dir=photos, raw_graph_stats=False)
+    assert report.int8 is not None and report.int8.photos == 100  # the holdout the calibration did not see
+    assert report.int8.top1_agreement >= 0.9 and report.int8.cosine > 0.9
+    model = onnx.load(str(out))
+    ops = graph_ops(model)
+    assert ops["QuantizeLinear"] > 0 and ops["DequantizeLinear"] > 0
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node)  # standard ONNX only
+    config = ModelConfig.from_props(metadata(out))
+    assert config.precision == "int8" and config.architecture == "efficientnet_lite0"
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    batch = np.concatenate(
+        [preprocess_image(open_image(p), Preprocessing.from_config(config)) for p, _ in imagenet_samples]
+    )
+    labels = np.array([c for _, c in imagenet_samples])
+    top1 = float(np.mean(session.run(None, {"input": batch})[0].argmax(1) == labels))
+    assert top1 == pytest.approx(0.896, abs=0.01)  # fp32's top-1 on these photos (the reference)
+
+
+def test_int8_needs_calibration_photos(tmp_path: Path) -> None:
+    result = run_cli("export", "efficientnet_lite0", "--int8", "-o", str(tmp_path / "q.onnx"))
+    assert result.returncode == 2 and "--int8 needs --calib" in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_cli("export", "efficientnet_lite0", "--int8", "--calib", str(empty), "-o", str(tmp_path / "q.onnx"))
+    assert result.returncode == 2 and "no photos" in result.stderr
+    assert not (tmp_path / "q.onnx").exists()
 
 
 @pytest.mark.parametrize("layout", ["authors", "bare", "ddp", "timm_state_dict", "timm_model_ema"])

@@ -11,6 +11,7 @@ from torch import nn
 
 from sbcrt.export.fold import fold_conv_bn, prepare_for_export
 from sbcrt.export.random_weights import randomize
+from sbcrt.export.rewrite import rewrite_for_inference
 from sbcrt.models.registry import ARCHITECTURES, get_architecture
 from sbcrt.models.sbcformer import Attention, attention_bias_indices
 
@@ -85,7 +86,7 @@ def test_fold_conv_bn_matches_conv_then_bn(groups: int) -> None:
 
 
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
-def test_prepared_model_equals_the_original(arch: str) -> None:
+def test_folded_and_rewritten_models_equal_the_original(arch: str) -> None:
     model = randomize(get_architecture(arch).build(1000), seed=1)
     prepared = randomize(get_architecture(arch).build(1000), seed=1)
     counts = prepare_for_export(prepared)
@@ -93,5 +94,7 @@ def test_prepared_model_equals_the_original(arch: str) -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in prepared.modules())
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        ref, got = model(x), prepared(x)
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+        ref, folded = model(x), prepared(x)
+        rewritten = rewrite_for_inference(prepared)(x)
+    assert (folded - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (rewritten - ref).abs().max() <= 1e-5 * ref.abs().max()

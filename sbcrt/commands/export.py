@@ -26,7 +26,21 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", type=Path, help="class names, one per line (default: the 1000 ImageNet classes)")
     p.add_argument("--verify-images", type=Path, help="a folder of photos to compare ONNX and PyTorch on")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17 for LayerNormalization; default 18)")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset, >= 17 (default 20: GELU is one op from opset 20)")
+    p.add_argument("--int8", action="store_true", help="write a static int8 (QDQ) model, calibrated on --calib")
+    p.add_argument("--calib", type=Path, help="a folder of photos like the ones the model will see (for --int8)")
+    p.add_argument("--calib-count", type=int, default=100, help="photos used for calibration (default 100)")
+    p.add_argument(
+        "--keep-fp32",
+        action="append",
+        metavar="NODE",
+        help="an ONNX node name to leave in fp32 with --int8 (repeatable; the stem and classifier always are)",
+    )
+    p.add_argument(
+        "--no-rewrite",
+        action="store_true",
+        help="keep the authors' graph structure (still folded): for comparing against sbcrt's layout rewrites",
+    )
     return p
 
 
@@ -43,6 +57,11 @@ def run(args: argparse.Namespace) -> int:
         labels_path=args.labels,
         verify_images=args.verify_images,
         opset=args.opset,
+        rewrite=not args.no_rewrite,
+        int8=args.int8,
+        calib_dir=args.calib,
+        calib_count=args.calib_count,
+        keep_fp32=args.keep_fp32,
     )
     print(report.render())
     return 0

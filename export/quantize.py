@@ -1,0 +1,138 @@
+"""Static int8 quantisation (QDQ) calibrated on real photos through the model's own preprocessing.
+
+Choices, and why (measured here; shared/notes/perf-findings.md):
+- QDQ format with per-channel symmetric int8 weights: onnxruntime fuses DQ -> Conv -> Q into its int8 kernels
+  on every CPU, and chooses dot-product kernels at run time where the CPU has them (Pi 5's A76; Pi 4's A72 has
+  none, and gains less).
+- Unsigned (QUInt8) activations: signed activations ran ~1.5x slower on x86 without VNNI.
+- Every operator onnxruntime can quantise is (its default list): quantising only Conv/MatMul/Gemm cost
+  EfficientNet-Lite0 2 points of top-1 on the shared photos (the residual Adds and ReLU6 clips then keep
+  re-quantising at slightly different scales) and was no faster on SBCFormer-B.
+- The stem convolution (it sees raw pixels) and the classifier stay fp32 by default: with them quantised,
+  EfficientNet-Lite0 lost 2.8 points of top-1 on the shared photos; with them in fp32 it is within a point.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sbcrt.errors import UsageError
+from sbcrt.images import open_image
+from sbcrt.metadata import ModelConfig
+from sbcrt.preprocess import Preprocessing, preprocess_image
+
+MATRIX_OPS = ("Conv", "MatMul", "Gemm")  # the compute; the stem and the classifier are the first and last
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+MAX_HOLDOUT = 100
+SPLIT_SEED = 0  # the calibration/holdout split is reproducible
+
+
+@dataclass
+class Int8Agreement:
+    """fp32 vs int8 on photos the calibration did not see."""
+
+    photos: int
+    top1_agreement: float
+    cosine: float  # mean over photos of the logits' cosine similarity
+    relative_error: float  # mean over photos of |int8 - fp32| / |fp32| (L2 norms of the logits)
+
+    def render(self) -> str:
+        if not self.photos:
+            return "no holdout photos: every photo in --calib was used for calibration"
+        return (
+            f"{self.photos} holdout photos: top-1 agreement {self.top1_agreement:.3f}, "
+            f"logit cosine {self.cosine:.4f}, relative error {self.relative_error:.3f}"
+        )
+
+
+def split_photos(folder: Path, count: int) -> tuple[list[Path], list[Path]]:
+    """A seeded shuffle of the folder's images: the first `count` calibrate, up to MAX_HOLDOUT of the rest check."""
+    if not Path(folder).is_dir():
+        raise UsageError(f"--calib: {folder} is not a folder of photos")
+    if count < 1:
+        raise UsageError("--calib-count must be at least 1")
+    photos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not photos:
+        raise UsageError(f"--calib: no photos (.jpg, .png, ...) in {folder}")
+    random.Random(SPLIT_SEED).shuffle(photos)
+    return photos[:count], photos[count : count + MAX_HOLDOUT]
+
+
+def default_fp32_nodes(model: onnx.ModelProto) -> list[str]:
+    """The stem (the quantisable node reading the graph input) and the classifier (the last quantisable node)."""
+    quantisable = [n for n in model.graph.node if n.op_type in MATRIX_OPS]
+    graph_inputs = {i.name for i in model.graph.input}
+    stem = [n.name for n in quantisable if graph_inputs & set(n.input)]
+    return stem + [quantisable[-1].name] if quantisable else stem
+
+
+def quantize_int8(
+    fp32: onnx.ModelProto, config: ModelConfig, calibration: list[Path], keep_fp32: list[str] | None = None
+) -> onnx.ModelProto:
+    """Statically quantise `fp32`, calibrating on `calibration` photos; `keep_fp32` adds node names to leave alone."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    preprocessing = Preprocessing.from_config(config)
+    input_name = fp32.graph.input[0].name
+    node_names = {n.name for n in fp32.graph.node}
+    unknown = [name for name in keep_fp32 or [] if name not in node_names]
+    if unknown:
+        raise UsageError(f"--keep-fp32: no node named {', '.join(unknown)} in the model")
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pending = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            path = next(self.pending, None)
+            return None if path is None else {input_name: preprocess_image(open_image(path), preprocessing)}
+
+    with tempfile.TemporaryDirectory(prefix="sbcrt-int8-") as tmp:
+        source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(fp32, source)
+        quantize_static(
+            source,
+            target,
+            Photos(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=default_fp32_nodes(fp32) + list(keep_fp32 or []),
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"WeightSymmetric": True},
+        )
+        return onnx.load(target)
+
+
+def measure_agreement(fp32: bytes, int8: bytes, config: ModelConfig, holdout: list[Path]) -> Int8Agreement:
+    if not holdout:
+        return Int8Agreement(0, float("nan"), float("nan"), float("nan"))
+    import onnxruntime as ort
+
+    preprocessing = Preprocessing.from_config(config)
+    batch = np.concatenate([preprocess_image(open_image(p), preprocessing) for p in holdout])
+    outputs = []
+    for payload in (fp32, int8):
+        session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {session.get_inputs()[0].name: batch})[0])
+    a, b = outputs
+    norms = np.linalg.norm(a, axis=1)
+    return Int8Agreement(
+        photos=len(holdout),
+        top1_agreement=float(np.mean(a.argmax(1) == b.argmax(1))),
+        cosine=float(np.mean((a * b).sum(1) / (norms * np.linalg.norm(b, axis=1)))),
+        relative_error=float(np.mean(np.linalg.norm(a - b, axis=1) / norms)),
+    )
