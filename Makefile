@@ -27,3 +27,6 @@ demo: setup
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info
+
+# `make test-arm64`: the runtime on the Pi's own software (Debian arm64 + the pinned aarch64 wheels) under QEMU.
+include tools/arm64/arm64.mk

@@ -1,0 +1,293 @@
+"""The runtime on the Pi's own software: exported models on real photos, x86 vs emulated arm64.
+
+Not part of `make test` (the file name does not match test_*.py); `make test-arm64` runs it as
+`pytest tests/arm64/arm64_parity.py` after building the arm64 userland (tools/arm64/build_userland.sh).
+
+On x86 it exports SBCFormer-XS (random weights, seed 0) and EfficientNet-Lite0 (real weights) once per version of
+the export code, then classifies a few shared photos (exact preprocessing) and a 1920x1080 camera frame (the
+fast path) here and, with the same script (classify_inputs.py), under QEMU as a Cortex-A72 (Pi 4) and a
+Cortex-A76 (Pi 5). The logits must agree within LOGIT_TOLERANCE and give the same top-1. A dynamically
+quantised int8 probe shows which int8 GEMM kernel onnxruntime picks on each CPU. Results: build/arm64/report.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / "tools" / "arm64"
+HERE = Path(__file__).resolve().parent
+BUILD = Path(os.environ.get("ARM64_BUILD_DIR", REPO / "build" / "arm64"))
+CPUS = ("cortex-a72", "cortex-a76")  # Pi 4 (no dot product), Pi 5 (dot product, fp16)
+MODELS = {"sbcformer_xs": {"random_init": True}, "efficientnet_lite0": {}}
+PHOTO_COUNT = 3  # emulation is ~200x slower: a few photos per model and CPU (~5 s per SBCFormer-XS inference)
+FRAME_SIZE = (1920, 1080)
+# Measured: photos and the frame agree to <= 6e-7 x logit scale (MLAS's NEON and AVX2 kernels sum in different
+# orders). The tolerance leaves room for that to grow 15x, and still flags any real kernel or preprocessing bug.
+LOGIT_TOLERANCE = 1e-5
+# The camera fast path may see OpenCV's resize differ by one 8-bit step between x86 and aarch64 SIMD code;
+# where its input tensors differ, the logits get this looser bound instead.
+FRAME_PIXEL_STEP_TOLERANCE = 1
+FRAME_LOGIT_TOLERANCE = 2e-2
+
+
+def export_key() -> str:
+    """Changes whenever the exported files could: the export and model code, the metadata format, the pins."""
+    digest = hashlib.sha256()
+    sources = sorted((REPO / "export").glob("*.py")) + sorted((REPO / "models").glob("*.py"))
+    for path in [*sources, REPO / "sbcrt" / "metadata.py", REPO / "constraints.txt"]:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def export_int8(out_dir: Path) -> Path | None:
+    """HOOK for the quantisation issue: return an int8 EfficientNet-Lite0 .onnx written by the real export
+    stage (e.g. `export_model("efficientnet_lite0", out, precision="int8")`). While it returns None, the int8
+    model tests are skipped and only the int8 probe runs. Once it returns a model, the same parity and kernel
+    checks run on it (with INT8_LOGIT_TOLERANCE) as on the fp32 models."""
+    return None
+
+
+# int8 kernels differ in rounding between x86 and arm64 (requantisation), so the bound is looser than fp32's.
+INT8_LOGIT_TOLERANCE = 5e-2
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        name, sep, version = line.split("#", 1)[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
+    return pins
+
+
+def test_pins_match_constraints_and_the_x86_venv() -> None:
+    """The arm64 set is the tested x86 set: the same versions as constraints.txt and as this venv has."""
+    constraints = read_pins(REPO / "constraints.txt")
+    for path in (REPO / "requirements-runtime.txt", TOOLS / "requirements-test.txt"):
+        for name, version in read_pins(path).items():
+            if name in constraints:
+                assert version == constraints[name], (
+                    f"{path.name}: {name}=={version}, constraints.txt {constraints[name]}"
+                )
+            assert version == metadata.version(name), (
+                f"{path.name}: {name}=={version}, x86 venv {metadata.version(name)}"
+            )
+
+
+@pytest.fixture(scope="session")
+def exported_models() -> dict[str, Path]:
+    from sbcrt.export.pipeline import export_model
+
+    out_dir = BUILD / "models" / export_key()
+    models = {}
+    for arch, options in MODELS.items():
+        path = out_dir / f"{arch}.onnx"
+        if not path.is_file():
+            export_model(arch, path, **options)
+        models[arch] = path
+    int8 = export_int8(out_dir)
+    if int8 is not None:
+        models["efficientnet_lite0_int8"] = int8
+    return models
+
+
+@pytest.fixture(scope="session")
+def inputs(imagenet_samples: list[tuple[Path, int]]) -> dict[str, list[str]]:
+    """A few photos spread over the shared set (read in place) and a camera-like 1080p BGR frame made from one."""
+    from PIL import Image
+
+    step = len(imagenet_samples) // PHOTO_COUNT
+    photos = [imagenet_samples[i * step][0] for i in range(PHOTO_COUNT)]
+    frame_path = BUILD / "inputs" / "frame_1920x1080_bgr.npy"
+    if not frame_path.is_file():
+        with Image.open(imagenet_samples[1][0]) as photo:
+            rgb = np.asarray(photo.convert("RGB").resize(FRAME_SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
+        # Sensor-like noise, so the frame has the fine detail on which resize implementations disagree.
+        noise = np.random.default_rng(0).normal(0.0, 4.0, rgb.shape).round().astype(np.int16)
+        frame = np.clip(rgb + noise, 0, 255).astype(np.uint8)[:, :, ::-1]
+        frame_path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(frame_path, np.ascontiguousarray(frame))
+    args = [arg for photo in photos for arg in ("--photo", str(photo))]
+    return {"args": [*args, "--frame", f"frame={frame_path}"], "names": [p.name for p in photos] + ["frame"]}
+
+
+def classify_args(models: dict[str, Path], inputs: dict, out: Path) -> list[str]:
+    model_args = [arg for name, path in models.items() for arg in ("--model", f"{name}={path}")]
+    return [str(HERE / "classify_inputs.py"), *model_args, *inputs["args"], "--out", str(out)]
+
+
+def emulated(cpu: str, *command: str, qemu_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # the repo's pure-Python sbcrt, no install
+    runner = [str(TOOLS / "run.sh"), "--cpu", cpu]
+    for arg in qemu_args:
+        runner += ["--qemu-arg", arg]
+    done = subprocess.run([*runner, "--", *command], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"emulated {cpu} run failed:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="session")
+def x86_results(exported_models: dict[str, Path], inputs: dict) -> Path:
+    out = BUILD / "results" / "x86_64"
+    done = subprocess.run(
+        [sys.executable, *classify_args(exported_models, inputs, out)],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.fixture(scope="session", params=CPUS)
+def arm64_results(request: pytest.FixtureRequest, exported_models: dict[str, Path], inputs: dict) -> Path:
+    out = BUILD / "results" / request.param
+    emulated(request.param, "python3", *classify_args(exported_models, inputs, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def report(arm64_report_path: Path) -> dict:
+    """Collects the measurements into the report, rewritten after each test that adds to it, so that
+    conftest.py can show it before pytest's closing line (which CI reads)."""
+    return {"logits": [], "platform": {}, "kernels": {}, "path": arm64_report_path}
+
+
+def test_logits_match_x86(arm64_results: Path, x86_results: Path, report: dict) -> None:
+    cpu = arm64_results.name
+    ours, theirs = np.load(x86_results / "results.npz"), np.load(arm64_results / "results.npz")
+    assert sorted(ours.files) == sorted(theirs.files)
+    std = json.loads((x86_results / "platform.json").read_text())["std"]
+    failures = []
+    for key in sorted(k for k in ours.files if k.endswith("/logits")):
+        model, source, _ = key.split("/")
+        x86, arm = ours[key].astype(np.float64), theirs[key].astype(np.float64)
+        scale = float(np.abs(x86).max())
+        diff = float(np.abs(x86 - arm).max())
+        tensor_diff = float(np.abs(ours[f"{model}/{source}/tensor"] - theirs[f"{model}/{source}/tensor"]).max())
+        pixel_steps = round(tensor_diff * 255 * max(std[model]), 3)  # normalised -> 8-bit steps
+        tolerance = INT8_LOGIT_TOLERANCE if model.endswith("int8") else LOGIT_TOLERANCE
+        if source == "frame" and pixel_steps > 0:
+            tolerance = max(tolerance, FRAME_LOGIT_TOLERANCE)
+        row = {
+            "cpu": cpu,
+            "model": model,
+            "input": source,
+            "max_abs_diff": diff,
+            "relative": diff / scale,
+            "tolerance": tolerance,
+            "same_top1": int(x86.argmax()) == int(arm.argmax()),
+            "pixel_steps": pixel_steps,
+        }
+        report["logits"].append(row)
+        # The exact path must feed identical tensors; the fast path may differ by one step (OpenCV's SIMD).
+        allowed_steps = FRAME_PIXEL_STEP_TOLERANCE if source == "frame" else 0
+        if diff > tolerance * scale or not row["same_top1"] or pixel_steps > allowed_steps:
+            failures.append(row)
+    write_report(report)
+    assert not failures, failures
+
+
+def test_cpu_features_as_the_pi_reports_them(arm64_results: Path, report: dict) -> None:
+    platform = json.loads((arm64_results / "platform.json").read_text())
+    cpu = arm64_results.name
+    report["platform"][cpu] = platform
+    write_report(report)
+    assert platform["machine"] == "aarch64" and platform["onnxruntime_device"] == "CPU"
+    hwcap = set(platform["hwcap"])
+    assert "asimd" in hwcap
+    if cpu == "cortex-a72":
+        assert "Cortex-A72" in platform["cpu_model"]
+        assert not hwcap & {"asimddp", "asimdhp", "i8mm"}, "a Pi 4 has no dot product or fp16 arithmetic"
+    else:
+        assert "Cortex-A76" in platform["cpu_model"]
+        assert {"asimddp", "asimdhp"} <= hwcap and "i8mm" not in hwcap
+
+
+@pytest.fixture(scope="session")
+def int8_probe() -> dict[str, Path]:
+    sys.path.insert(0, str(HERE))
+    import int8_probe as probe
+
+    path = BUILD / "models" / "int8_probe.onnx"
+    if not path.is_file():
+        probe.build(path)
+    reference = BUILD / "results" / "x86_64" / "int8_probe.npy"
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    probe.run(path, reference)
+    return {"model": path, "reference": reference}
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_int8_kernel_follows_the_dot_product_extension(cpu: str, int8_probe: dict[str, Path], report: dict) -> None:
+    log = BUILD / "results" / cpu / "int8_probe.in_asm.log"
+    out = log.with_name("int8_probe.npy")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.unlink(missing_ok=True)
+    emulated(
+        cpu,
+        "python3",
+        str(HERE / "int8_probe.py"),
+        "run",
+        str(int8_probe["model"]),
+        str(out),
+        qemu_args=("-d", "in_asm", "-D", str(log)),
+    )
+    sys.path.insert(0, str(TOOLS))
+    from isa_census import census
+
+    with open(log, encoding="utf-8", errors="replace") as fh:
+        counts = census(fh)
+    log.unlink()  # ~50 MB of disassembly; the counts are what matters
+    report["kernels"][cpu] = counts
+    write_report(report)
+    dot = counts.get("int8 dot product (SDOT/UDOT)", 0)
+    if cpu == "cortex-a72":
+        assert dot == 0 and counts.get("int8 widening multiply (UMULL/SMULL/UMLAL/SMLAL)", 0) > 0, counts
+    else:
+        assert dot > 0, counts
+    # Integer accumulation is exact: both kernels must give x86's numbers up to float rounding of the scales.
+    np.testing.assert_allclose(np.load(out), np.load(int8_probe["reference"]), rtol=1e-5, atol=1e-4)
+
+
+def test_int8_model_hook(exported_models: dict[str, Path]) -> None:
+    if "efficientnet_lite0_int8" not in exported_models:
+        pytest.skip("no int8 export yet: fill in export_int8() in tests/arm64/arm64_parity.py when it lands")
+
+
+def write_report(data: dict) -> None:
+    lines = ["# x86-64 vs emulated arm64 (make test-arm64)", ""]
+    header = (
+        "| CPU | model | input | max abs diff | / logit scale | tolerance | same top-1 | input diff (8-bit steps) |"
+    )
+    lines += [header]
+    lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in data["logits"]:
+        lines.append(
+            f"| {row['cpu']} | {row['model']} | {row['input']} | {row['max_abs_diff']:.3g} | {row['relative']:.3g} "
+            f"| {row['tolerance']:g} | {'yes' if row['same_top1'] else 'NO'} | {row['pixel_steps']:g} |"
+        )
+    lines += ["", "## What each emulated CPU reports", ""]
+    for cpu, info in sorted(data["platform"].items()):
+        lines.append(
+            f"- {cpu}: {info['cpu_model']}; HWCAP (what onnxruntime's cpuinfo reads): {' '.join(info['hwcap'])}; "
+            f"/proc/cpuinfo notable: {' '.join(info['notable_features'])}; onnxruntime {info['onnxruntime']} "
+            f"{info['onnxruntime_device']}, {', '.join(info['providers'])}; {info['seconds']} s emulated"
+        )
+    lines += ["", "## int8 GEMM kernel (instructions translated while running the int8 probe)", ""]
+    for cpu, counts in sorted(data["kernels"].items()):
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if k != "instructions")
+        lines.append(f"- {cpu}: {kinds or 'none of the tracked kinds'}")
+    data["path"].parent.mkdir(parents=True, exist_ok=True)
+    data["path"].write_text("\n".join(lines) + "\n")

@@ -1,0 +1,120 @@
+"""Guest side of the instruction counter: runs inside the emulated arm64 userland, under QEMU with the
+insn_count plugin (benchmarks/arm_count.py starts it). Opens a model the way sbcrt does on a Pi
+(sbcrt.session.create_session) with a given number of intra-op threads, runs it `--warmup` times uncounted,
+then `--repeat` times, each run bracketed by region markers the plugin counts between.
+
+    python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 1] [--repeat 1]
+
+Prints one JSON line describing what ran (inputs, onnxruntime version). Only onnxruntime, numpy and ctypes:
+it also runs on a real Pi, where the markers are harmless failing system calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+
+import numpy as np
+
+# Shared with insn_count.c. An unused system call number: Linux and QEMU answer ENOSYS and do nothing else;
+# the plugin sees it on entry, with its arguments.
+REGION_SYSCALL = 0x5BC0
+REGION_MAGIC = 0x5BC0C0A7C0417E57
+REGION_BEGIN = 1
+REGION_END = 2
+
+ONNX_TO_NUMPY = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+}
+
+
+class RegionMarker:
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self._syscall = libc.syscall
+        self._syscall.restype = ctypes.c_long
+        self._syscall.argtypes = [ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong]
+
+    def begin(self) -> None:
+        self._syscall(REGION_SYSCALL, REGION_MAGIC, REGION_BEGIN)
+
+    def end(self) -> None:
+        self._syscall(REGION_SYSCALL, REGION_MAGIC, REGION_END)
+
+
+def fixed_input(shape: list, onnx_type: str, seed: int) -> np.ndarray:
+    """A deterministic input; a dynamic dimension (batch) is 1. The values do not change which instructions
+    run (no data-dependent kernels), but fixed ones keep every run identical anyway."""
+    dims = [d if isinstance(d, int) and d > 0 else 1 for d in shape]
+    dtype = ONNX_TO_NUMPY.get(onnx_type)
+    if dtype is None:
+        raise SystemExit(f"count_inference: input type {onnx_type} not supported")
+    rng = np.random.default_rng(seed)
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(dims).astype(dtype)
+    return rng.integers(0, 100, dims).astype(dtype)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    import onnxruntime as ort
+
+    from sbcrt.session import create_session
+
+    # Graph cache off: the first start optimises the graph exactly as a cached start would load it, and
+    # nothing is written into the user's cache from an emulated CPU.
+    session, info = create_session(args.model, threads=args.threads, cache_dir=False)
+    # I/O binding with tensors allocated once: the counted region is onnxruntime's run, not numpy conversions.
+    binding = session.io_binding()
+    inputs = {}
+    for i, node in enumerate(session.get_inputs()):
+        value = fixed_input(node.shape, node.type, args.seed + i)
+        inputs[node.name] = list(value.shape)
+        binding.bind_ortvalue_input(node.name, ort.OrtValue.ortvalue_from_numpy(value))
+    for node in session.get_outputs():
+        binding.bind_output(node.name, "cpu")
+    for _ in range(args.warmup):  # allocations, kernel pre-packing and caches settle on the first run
+        session.run_with_iobinding(binding)
+    # Bind the outputs the warm-up allocated, so counted runs reuse them instead of allocating.
+    for node, value in zip(session.get_outputs(), binding.get_outputs()):
+        binding.bind_ortvalue_output(node.name, value)
+
+    marker = RegionMarker()
+    import gc
+    gc.disable()
+    for _ in range(args.repeat):
+        marker.begin()
+        session.run_with_iobinding(binding)
+        marker.end()
+    print(
+        json.dumps(
+            {
+                "onnxruntime": ort.__version__,
+                "providers": info.providers,
+                "threads": info.threads,
+                "inputs": inputs,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
