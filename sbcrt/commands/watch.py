@@ -17,6 +17,7 @@ from sbcrt.commands.classify import positive_int
 from sbcrt.errors import UsageError
 
 DEFAULT_SAVE_MAX = "1000,1GB"
+DEFAULT_MQTT_QUEUE = 1000  # sbcrt.watch.mqtt.DEFAULT_QUEUE (not imported here: `sbcrt --help` stays light)
 
 
 def positive_float(text: str) -> float:
@@ -137,7 +138,56 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"keep at most this many files (500) and/or bytes (2GB) in --save DIR, oldest removed "
         f"(default {DEFAULT_SAVE_MAX})",
     )
+    add_mqtt_arguments(p)
     return p
+
+
+def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
+    """--mqtt*: publish to a broker (sbcrt/watch/mqtt.py). Needs paho-mqtt, imported only when used."""
+    mqtt = p.add_argument_group('MQTT (pip install "sbcrt[mqtt]")')
+    mqtt.add_argument(
+        "--mqtt",
+        metavar="URL",
+        help="publish to this broker: mqtt://[user:pass@]host[:1883] or mqtts://host[:8883] "
+        "(user/password also from $SBCRT_MQTT_USERNAME/$SBCRT_MQTT_PASSWORD)",
+    )
+    mqtt.add_argument("--mqtt-topic", metavar="TOPIC", help="topic prefix (default sbcrt/<hostname>)")
+    mqtt.add_argument("--mqtt-client-id", metavar="ID", help="MQTT client id (default sbcrt-<topic>)")
+    mqtt.add_argument(
+        "--mqtt-qos", type=int, choices=(0, 1, 2), default=1, help="QoS of state, events, results, stats (default 1)"
+    )
+    mqtt.add_argument("--mqtt-ca", type=Path, metavar="FILE", help="mqtts://: CA certificate(s) to trust (PEM)")
+    mqtt.add_argument("--mqtt-results", action="store_true", help="also publish each frame's record to <topic>/result")
+    mqtt.add_argument(
+        "--mqtt-results-interval",
+        type=non_negative_float,
+        default=1.0,
+        metavar="S",
+        help="at most one record per S seconds on <topic>/result; 0 = every frame (default 1)",
+    )
+    mqtt.add_argument(
+        "--mqtt-stats-interval",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="publish statistics at most every S seconds, at the --stats-interval cadence (default 30)",
+    )
+    mqtt.add_argument(
+        "--mqtt-queue",
+        type=positive_int,
+        default=DEFAULT_MQTT_QUEUE,
+        metavar="N",
+        help=f"messages kept while the broker is unreachable, oldest dropped (default {DEFAULT_MQTT_QUEUE})",
+    )
+    mqtt.add_argument(
+        "--mqtt-discovery", action="store_true", help="publish Home Assistant MQTT discovery configs (retained)"
+    )
+    mqtt.add_argument(
+        "--mqtt-discovery-prefix",
+        default="homeassistant",
+        metavar="PREFIX",
+        help="Home Assistant's discovery prefix (default homeassistant)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,6 +207,14 @@ def run(args: argparse.Namespace) -> int:
     if args.save and not rules:
         raise UsageError("--save keeps the frames that fire an event: add a --when rule")
     max_files, max_bytes = parse_save_limits(args.save_max or [DEFAULT_SAVE_MAX])
+    mqtt_settings = None
+    if args.mqtt:
+        from sbcrt.watch.mqtt import settings_from_args
+
+        mqtt_settings = settings_from_args(args)  # also checks that paho-mqtt is installed
+    elif any(getattr(args, flag) for flag in ("mqtt_topic", "mqtt_client_id", "mqtt_ca", "mqtt_results",
+                                              "mqtt_discovery")):  # fmt: skip
+        raise UsageError("the --mqtt-* options need --mqtt URL")
     events = EventRules(rules, debounce=args.debounce, cooldown_s=args.cooldown) if rules else None
     source = parse_source(
         args.source,
@@ -185,6 +243,19 @@ def run(args: argparse.Namespace) -> int:
         sinks.append(StatsLogSink())
         if args.heartbeat:
             sinks.append(HeartbeatSink(args.heartbeat))
+        if mqtt_settings:
+            from sbcrt.watch.mqtt import MqttSink
+
+            saver = next((sink for sink in sinks if isinstance(sink, FrameSaver)), None)
+            sinks.append(
+                MqttSink(
+                    mqtt_settings,
+                    labels=list(classifier.labels),
+                    rules=[rule.text for rule in rules],
+                    model_name=classifier.config.architecture,
+                    snapshot_path=saver.saved_path if saver else None,  # the saver runs first: the path is known
+                )
+            )
         loop = WatchLoop(
             source,
             classifier,

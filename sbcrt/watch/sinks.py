@@ -172,6 +172,7 @@ class FrameSaver(Sink):
         self._saved: deque[tuple[Path, int]] = deque()
         self._bytes = 0
         self._last_frame: tuple[str, int] | None = None
+        self._last_path: Path | None = None
         self._failures = _FailureLog(f"save {folder}")
         self._indexed = False
 
@@ -199,13 +200,17 @@ class FrameSaver(Sink):
         except OSError as exc:
             self._failures.failed(f"cannot save frame {frame.number}: {exc.strerror or exc}")
             return
-        self._last_frame = key
+        self._last_frame, self._last_path = key, path
         self._failures.succeeded()
         size = path.stat().st_size
         self._saved.append((path, size))
         self._bytes += size
         self._evict()
         log.info("event %s: %s %.2f on frame %d, saved %s", event.rule, event.label, event.prob, frame.number, path)
+
+    def saved_path(self, frame: Frame) -> Path | None:
+        """The file saved for `frame` (None if saving it failed), for sinks after this one (MQTT events)."""
+        return self._last_path if self._last_frame == (frame.source, frame.number) else None
 
     def _write(self, event: Event, frame: Frame) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(frame.wall_time))
