@@ -30,3 +30,5 @@ clean:
 
 # `make test-arm64`: the runtime on the Pi's own software (Debian arm64 + the pinned aarch64 wheels) under QEMU.
 include tools/arm64/arm64.mk
+# `make arm-count`: aarch64 instructions per inference under QEMU (Pi 4 / Pi 5 CPU models), not part of CI.
+include tools/arm64/arm_count.mk

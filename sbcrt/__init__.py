@@ -5,9 +5,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# onnxruntime >= 1.29 sends usage telemetry from Linux too, unless this is set before it initialises. A board in a
+# barn should not phone home (nor wait on DNS for it); a user who wants it sets ORT_DISABLE_TELEMETRY=0.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
     from sbcrt.classifier import Classifier, Result

@@ -31,3 +31,4 @@ test-arm64: arm64-userland
 	done
 	@echo "== exported models, x86-64 vs emulated arm64"
 	$(BIN)/pytest -q -p no:cacheprovider tests/arm64/arm64_parity.py  # prints build/arm64/report.md
+	$(BIN)/pytest -q -p no:cacheprovider tests/arm64/arm_count_check.py  # instruction counter (make arm-count)

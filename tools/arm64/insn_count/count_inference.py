@@ -3,7 +3,7 @@ insn_count plugin (benchmarks/arm_count.py starts it). Opens a model the way sbc
 (sbcrt.session.create_session) with a given number of intra-op threads, runs it `--warmup` times uncounted,
 then `--repeat` times, each run bracketed by region markers the plugin counts between.
 
-    python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 1] [--repeat 1]
+    python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 2] [--repeat 1]
 
 Prints one JSON line describing what ran (inputs, onnxruntime version). Only onnxruntime, numpy and ctypes:
 it also runs on a real Pi, where the markers are harmless failing system calls.
@@ -13,10 +13,19 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
+import os
 import sys
 
-import numpy as np
+# Nothing but the inference may run in the guest, so these go before numpy and onnxruntime load: onnxruntime's
+# telemetry uploader (1.32 on Linux) wakes every few seconds in its own threads to resolve its collector's host
+# name, and numpy's OpenBLAS starts a worker thread per CPU.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 # Shared with insn_count.c. An unused system call number: Linux and QEMU answer ENOSYS and do nothing else;
 # the plugin sees it on entry, with its arguments.
@@ -67,10 +76,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1 (the warm-up allocates the outputs the counted runs reuse)")
 
     import onnxruntime as ort
 
@@ -88,15 +99,16 @@ def main(argv: list[str]) -> int:
         binding.bind_ortvalue_input(node.name, ort.OrtValue.ortvalue_from_numpy(value))
     for node in session.get_outputs():
         binding.bind_output(node.name, "cpu")
-    for _ in range(args.warmup):  # allocations, kernel pre-packing and caches settle on the first run
+    # Allocations and onnxruntime's memory pattern settle over the first runs (measured: the first run after a
+    # single warm-up still clears a 64 KB buffer the later ones do not).
+    for _ in range(args.warmup):
         session.run_with_iobinding(binding)
     # Bind the outputs the warm-up allocated, so counted runs reuse them instead of allocating.
-    for node, value in zip(session.get_outputs(), binding.get_outputs()):
+    for node, value in zip(session.get_outputs(), binding.get_outputs(), strict=True):
         binding.bind_ortvalue_output(node.name, value)
 
     marker = RegionMarker()
-    import gc
-    gc.disable()
+    gc.disable()  # a collection would land inside a counted run when the allocation count says so
     for _ in range(args.repeat):
         marker.begin()
         session.run_with_iobinding(binding)
