@@ -1,19 +1,26 @@
-"""Camera-frame preprocessing at 1920x1080: cost of the fast path vs the exact PIL path, and (with --model)
-their top-1 agreement. Prints a table and writes JSON.
+"""Camera-frame preprocessing at 1920x1080 and 3840x2160: cost of the fast path's variants vs the exact PIL
+path, their largest pixel difference from it, (with --model) their top-1 agreement, and the fast path's cost
+next to SBCFormer-XS's 1-thread inference. Prints a table and writes JSON.
 
-    python benchmarks/preprocess.py --model build/efficientnet_lite0.onnx [--photos ../shared/data/imagenet-samples]
+    python benchmarks/preprocess.py --model build/lite0.onnx [--photos ../shared/data/imagenet-samples]
 
 Frames are the photos enlarged to 1920x1080 (and 3840x2160) in two ways: "stretched" (the photo fills the
 frame) and "camera" (aspect kept and centre-cropped, plus fixed sensor-like noise, sigma 4 levels, so the frame
 has detail at full resolution where antialiasing matters). "cost" is the median time relative to the exact PIL
 path on the same BGR frame (cvtColor + PIL resize + crop + normalise). Also: the same 1080p frames as JPEG files,
 exact decoding vs draft (DCT-scaled) decoding + the fast path. Times are medians per frame after a warm-up;
-exact-path logits are computed once per frame and reused.
+exact-path logits are computed once per frame and reused. "max diff" is the largest difference from the exact
+path's pixels, in 8-bit levels, over all frames. Everything runs on one thread (OpenCV and BLAS limited to 1,
+--threads to change), so the times are CPU cost; PIL and onnxruntime with threads=1 use one anyway.
+
+Variants: "matmul" does PIL's filter arithmetic as BLAS products (sbcrt/preprocess.py), "pil" calls PIL's
+Image.resize(box=...) on the crop region; "gap 2" pre-shrinks 1080p frames by 2 with an area average first.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import tempfile
@@ -29,6 +36,7 @@ from sbcrt.preprocess import Preprocessing, preprocess_frame, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_SIZES = [(1920, 1080), (3840, 2160)]
+XS_FRAMES = 100  # each takes ~20 ms: a median over many rides out a busy machine's slow spells
 
 
 def stretched(bgr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -60,15 +68,33 @@ def exact_from_bgr(frame: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return preprocess_image(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)), spec)
 
 
-def fast_with_gap(gap: float):
+def fast_variant(resampler: str, gap: float):
     def run(frame: np.ndarray, spec: Preprocessing) -> np.ndarray:
         saved, preprocess.REDUCING_GAP = preprocess.REDUCING_GAP, gap
         try:
-            return preprocess_frame(frame, spec, bgr=True)
+            return preprocess_frame(frame, spec, bgr=True, resampler=resampler)
         finally:
             preprocess.REDUCING_GAP = saved
 
     return run
+
+
+def levels(tensor: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """A (1, 3, H, W) model input back on the 0-255 scale of the pixels it came from."""
+    std = np.asarray(spec.std, np.float32)[:, None, None]
+    mean = np.asarray(spec.mean, np.float32)[:, None, None]
+    return (tensor[0] * std + mean) * 255
+
+
+def limited_threads(threads: int) -> contextlib.AbstractContextManager:
+    """OpenCV and the BLAS behind numpy limited to `threads`, so times are CPU cost, not spread over cores."""
+    cv2.setNumThreads(threads)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # a dev tool, not a dependency: set OPENBLAS_NUM_THREADS=1 instead
+        print("threadpoolctl missing: numpy's BLAS may use several threads")
+        return contextlib.nullcontext()
+    return threadpool_limits(threads)
 
 
 def main() -> None:
@@ -78,8 +104,14 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (0 = all)")
     parser.add_argument("--timing-frames", type=int, default=30, help="frames to time each path on")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "benchmarks" / "preprocess.json")
+    parser.add_argument("--threads", type=int, default=1, help="threads for OpenCV and BLAS (default 1)")
+    parser.add_argument("--no-xs", action="store_true", help="skip the SBCFormer-XS inference comparison")
     args = parser.parse_args()
+    with limited_threads(args.threads):
+        run_benchmark(args)
 
+
+def run_benchmark(args: argparse.Namespace) -> None:
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
     photos = photos[: args.limit] if args.limit else photos
     classifier = None
@@ -91,10 +123,13 @@ def main() -> None:
     else:
         spec = Preprocessing()
     sources = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos]
+    gap = preprocess.REDUCING_GAP
     paths = {
         "exact (PIL photo path, from BGR)": exact_from_bgr,
-        f"fast, gap {preprocess.REDUCING_GAP:g} (default)": fast_with_gap(preprocess.REDUCING_GAP),
-        "fast, gap 2 (pre-shrink at 1080p)": fast_with_gap(2.0),
+        f"fast, matmul, gap {gap:g} (default)": fast_variant("matmul", gap),
+        f"fast, pil, gap {gap:g} (previous)": fast_variant("pil", gap),
+        "fast, matmul, gap 2": fast_variant("matmul", 2.0),
+        "fast, pil, gap 2": fast_variant("pil", 2.0),
     }
     rows = []
     for size in FRAME_SIZES:
@@ -102,41 +137,105 @@ def main() -> None:
         variants = {"stretched": [stretched(s, size) for s in sources]}
         variants["camera"] = [camera_like(s, size, noise) for s in sources]
         timing_frames = variants["camera"][: args.timing_frames]
-        reference_ms = median_ms(lambda f: exact_from_bgr(f, spec), timing_frames)
-        exact_logits = {}
-        if classifier is not None:
-            exact_logits = {
-                name: [classifier.run(exact_from_bgr(f, spec))[0] for f in frames] for name, frames in variants.items()
-            }
+        # The exact path's pixels (8-bit, 150 kB a frame) and logits, computed once per frame.
+        exact_pixels: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+        exact_logits: dict[str, list[np.ndarray]] = {name: [] for name in variants}
+        for name, frames in variants.items():
+            for frame in frames:
+                tensor = exact_from_bgr(frame, spec)
+                exact_pixels[name].append(np.rint(levels(tensor, spec)).astype(np.uint8))
+                if classifier is not None:
+                    exact_logits[name].append(classifier.run(tensor)[0])
+        ms_by_path = interleaved_median_ms(
+            {name: (lambda f, fn=fn: fn(f, spec)) for name, fn in paths.items()}, timing_frames
+        )
+        reference_ms = ms_by_path["exact (PIL photo path, from BGR)"]
         for name, fn in paths.items():
-            ms = reference_ms if fn is exact_from_bgr else median_ms(lambda f, fn=fn: fn(f, spec), timing_frames)
+            ms = ms_by_path[name]
             row = {"frame": f"{size[0]}x{size[1]}", "path": name, "median_ms": ms, "cost_vs_exact": ms / reference_ms}
-            if classifier is not None and fn is not exact_from_bgr:
+            if fn is not exact_from_bgr:
+                max_diff = 0.0
                 for variant, frames in variants.items():
-                    same = [
-                        classifier.run(fn(f, spec))[0].argmax() == e.argmax()
-                        for f, e in zip(frames, exact_logits[variant], strict=True)
-                    ]
-                    row[f"top1_agreement_{variant}"] = float(np.mean(same))
+                    same = []
+                    for i, frame in enumerate(frames):
+                        tensor = fn(frame, spec)
+                        max_diff = max(max_diff, float(np.abs(levels(tensor, spec) - exact_pixels[variant][i]).max()))
+                        if classifier is not None:
+                            same.append(classifier.run(tensor)[0].argmax() == exact_logits[variant][i].argmax())
+                    if classifier is not None:
+                        row[f"top1_agreement_{variant}"] = float(np.mean(same))
+                row["max_level_diff"] = round(max_diff, 3)
             rows.append(row)
         if size == (1920, 1080):
+            variants_1080p = variants["camera"]
             rows.extend(jpeg_rows(timing_frames, spec, classifier, variants, exact_logits))
 
     print(
         f"Preprocessing camera frames to {spec.crop}: median ms over {args.timing_frames} frames; "
         f"top-1 agreement with the exact path over {len(photos)} photos"
     )
-    print(f"{'frame':10} {'path':38} {'ms':>7} {'cost':>6} {'agree stretched':>16} {'agree camera':>13}")
+    print(
+        f"{'frame':10} {'path':38} {'ms':>7} {'cost':>6} {'max diff':>8} {'agree stretched':>16} {'agree camera':>13}"
+    )
     for row in rows:
         agree = [row.get(f"top1_agreement_{v}") for v in ("stretched", "camera")]
         agree_text = [f"{a:.3f}" if a is not None else "-" for a in agree]
-        print(f"{row['frame']:10} {row['path']:38} {row['median_ms']:7.2f} {row['cost_vs_exact']:6.2f} "
+        diff = f"{row['max_level_diff']:g}" if "max_level_diff" in row else "-"
+        print(f"{row['frame']:10} {row['path']:38} {row['median_ms']:7.2f} {row['cost_vs_exact']:6.2f} {diff:>8} "
               f"{agree_text[0]:>16} {agree_text[1]:>13}")  # fmt: skip
+    xs = None if args.no_xs else xs_inference_ratio(variants_1080p, spec, max(args.timing_frames, XS_FRAMES))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps({"photos": len(photos), "model": str(args.model) if args.model else None, "rows": rows}, indent=2)
+        json.dumps(
+            {"photos": len(photos), "model": str(args.model) if args.model else None, "rows": rows, "xs": xs},
+            indent=2,
+        )
     )
     print(f"wrote {args.out}")
+
+
+def interleaved_median_ms(fns: dict, items: list, clock=time.perf_counter) -> dict[str, float]:
+    """Median ms of each function over `items`, the functions taking turns on each item, so a busy machine's
+    slow spells hit them all alike. `clock` may be time.thread_time, for CPU time where all work stays on the
+    calling thread."""
+    for fn in fns.values():
+        fn(items[0])  # warm-up (lazy imports, allocator, cached resampling plans)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for item in items:
+        for name, fn in fns.items():
+            start = clock()
+            fn(item)
+            times[name].append((clock() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def xs_inference_ratio(frames: list[np.ndarray], spec: Preprocessing, count: int) -> dict:
+    """The default fast path (1080p BGR frame -> tensor) next to SBCFormer-XS 1-thread inference on that tensor,
+    timed in turns. XS is exported once with random weights (timing does not depend on them), cached."""
+    from sbcrt import Classifier
+    from sbcrt.export.pipeline import export_model
+
+    path = REPO / "build" / "benchmarks" / "preprocess" / "sbcformer_xs.onnx"
+    if not path.is_file():
+        print(f"exporting SBCFormer-XS to {path} ...", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        export_model("sbcformer_xs", path, random_init=True, raw_graph_stats=False)
+    xs = Classifier(path, threads=1)
+    frames = frames[:count]
+    tensor = preprocess_frame(frames[0], spec, bgr=True)
+    fns = {"fast path": lambda f: preprocess_frame(f, spec, bgr=True), "xs": lambda f: xs.run(tensor)}
+    result: dict = {"frames": len(frames)}
+    # Wall time, and CPU time of this thread: onnxruntime with one thread, OpenCV limited to one and the fast
+    # path's BLAS products (kept below OpenBLAS's threading size) all run on the calling thread.
+    for kind, clock in (("wall", time.perf_counter), ("cpu", time.thread_time)):
+        ms = interleaved_median_ms(fns, frames, clock)
+        ratio = ms["fast path"] / ms["xs"]
+        result[kind] = {"fast_path_ms": ms["fast path"], "xs_inference_ms": ms["xs"], "ratio": ratio}
+        print(
+            f"{kind:4} time: 1080p BGR frame -> tensor (default fast path) {ms['fast path']:.2f} ms, "
+            f"SBCFormer-XS 1-thread inference {ms['xs']:.2f} ms: ratio {ratio:.1%} (target <= 20 %)"
+        )
+    return result
 
 
 def jpeg_rows(frames, spec, classifier, variants, exact_logits) -> list[dict]:

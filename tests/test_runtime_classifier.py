@@ -4,6 +4,7 @@ graph cache, and the promise that the runtime never loads torch or onnx."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -105,7 +106,8 @@ def test_fast_path_stays_close_to_exact_on_a_frame() -> None:
     fast = preprocess_frame(np.ascontiguousarray(frame[:, :, ::-1]), spec, bgr=True)
     assert fast.shape == exact.shape == (1, 3, 224, 224)
     difference = np.abs(fast - exact) * 255
-    assert difference.mean() < 1.0 and difference.max() < 12
+    # The fast path does PIL's arithmetic (tests/test_preprocess.py): measured max 1 level, mean ~1e-5.
+    assert difference.mean() < 0.001 and difference.max() <= 1.0 + 1e-3
 
 
 @pytest.mark.parametrize("channels", [1, 4])
@@ -164,3 +166,14 @@ def test_fast_file_path_decodes_big_jpegs_at_reduced_scale(runtime_models: dict[
     exact, fast = clf.preprocess(path), clf.preprocess(path, fast=True)
     assert np.abs(exact - fast).mean() * 255 < 2.0
     assert clf.classify(path, fast=True).logits == pytest.approx(clf.classify(path).logits, abs=2 / 255)
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_onnxruntime_telemetry_is_off_unless_the_user_wants_it(preset: str | None, expected: str) -> None:
+    # onnxruntime >= 1.29 reads ORT_DISABLE_TELEMETRY once, when it initialises: importing sbcrt must set it first.
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    if preset is not None:
+        env["ORT_DISABLE_TELEMETRY"] = preset
+    code = "import os, sbcrt, onnxruntime; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert done.stdout.strip() == expected

@@ -60,10 +60,15 @@ def test_fast_path_agrees_with_the_photo_path_at_1080p(
     lite0: Classifier, imagenet_samples: list[tuple[Path, int]]
 ) -> None:
     agree = 0
+    largest_logit_difference = 0.0
     sensor_noise = np.random.default_rng(0).normal(0, 4, (1080, 1920, 3)).round().astype(np.int16)  # sigma 4 levels
     for path, _ in imagenet_samples:
         frame = camera_frame(path, sensor_noise)
-        exact = lite0.classify(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)), top_k=1).top1.index
-        fast = lite0.classify_frame(frame, top_k=1).top1.index
-        agree += exact == fast
+        exact = lite0.classify(Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)), top_k=1)
+        fast = lite0.classify_frame(frame, top_k=1)
+        agree += exact.top1.index == fast.top1.index
+        largest_logit_difference = max(largest_logit_difference, float(np.abs(exact.logits - fast.logits).max()))
     assert agree / len(imagenet_samples) >= 0.99, f"top-1 agreement {agree / len(imagenet_samples):.3f}"
+    # The same pixels up to a rare 1-level difference: measured logits within 0.005 (floats kept between the
+    # resampling passes instead of PIL's 8-bit rounding: up to 0.7, and one flipped top-1).
+    assert largest_logit_difference < 0.05, largest_logit_difference
