@@ -26,12 +26,12 @@ from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import rewrite_for_inference
 from sbcrt.metadata import ModelConfig, imagenet_labels, read_labels_file
 from sbcrt.models.registry import Architecture, get_architecture
+from sbcrt.sources import folder_images
 
 # ONNX vs PyTorch: max |difference| of the logits must stay within this fraction of the largest |logit|.
 RELATIVE_TOLERANCE = 1e-4
 RANDOM_SEEDS = (0, 1)
 MAX_VERIFY_IMAGES = 16
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -268,8 +268,7 @@ def _verification_photos(extra_dir: Path | None) -> list[Path]:
     if extra_dir is not None:
         if not Path(extra_dir).is_dir():
             raise UsageError(f"--verify-images: {extra_dir} is not a folder")
-        found = sorted(p for p in Path(extra_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        photos += found[:MAX_VERIFY_IMAGES]
+        photos += folder_images(Path(extra_dir))[:MAX_VERIFY_IMAGES]
     return photos
 
 

@@ -26,9 +26,9 @@ from sbcrt.errors import UsageError
 from sbcrt.images import open_image
 from sbcrt.metadata import ModelConfig
 from sbcrt.preprocess import Preprocessing, preprocess_image
+from sbcrt.sources import IMAGE_EXTENSIONS
 
 MATRIX_OPS = ("Conv", "MatMul", "Gemm")  # the compute; the stem and the classifier are the first and last
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_HOLDOUT = 100
 SPLIT_SEED = 0  # the calibration/holdout split is reproducible
 
@@ -57,7 +57,7 @@ def split_photos(folder: Path, count: int) -> tuple[list[Path], list[Path]]:
         raise UsageError(f"--calib: {folder} is not a folder of photos")
     if count < 1:
         raise UsageError("--calib-count must be at least 1")
-    photos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    photos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not photos:
         raise UsageError(f"--calib: no photos (.jpg, .png, ...) in {folder}")
     random.Random(SPLIT_SEED).shuffle(photos)

@@ -196,15 +196,21 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_fine_tuned_head_with_labels(tmp_path: Path) -> None:
+def test_fine_tuned_head_with_labels(tmp_path: Path, shared_dir: Path) -> None:
     labels = ["cow", "sheep", "pig", "fox", "empty pen"]
     (tmp_path / "labels.txt").write_text("\n".join(labels) + "\n")
     ckpt = save(authors_checkpoint(seeded_state_dict("sbcformer_xs", seed=5, num_classes=5), "x"), tmp_path / "ft.pth")
     out = tmp_path / "barn.onnx"
     report = export_model(
-        "sbcformer_xs", out, checkpoint=ckpt, labels_path=tmp_path / "labels.txt", raw_graph_stats=False
+        "sbcformer_xs",
+        out,
+        checkpoint=ckpt,
+        labels_path=tmp_path / "labels.txt",
+        verify_images=shared_dir / "data" / "imagenet-samples",
+        raw_graph_stats=False,
     )
     assert all(check.passed for check in report.parity)
+    assert report.parity[-1].inputs == "18 real photos"  # the 2 samples + up to 16 from --verify-images
     config = ModelConfig.from_props(metadata(out))
     assert config.num_classes == 5 and config.labels == labels
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
