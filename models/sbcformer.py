@@ -128,7 +128,6 @@ class Attention(nn.Module):
         self.nh_kd = key_dim * num_heads
         self.d_v = attn_ratio * key_dim
         self.v_dim = self.d_v * num_heads
-        n_points = GRID * GRID
         idxs = attention_bias_indices(GRID)
         # Registered in the checkpoints' order: the parameter, then the index buffer, then the layers.
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, int(idxs.max()) + 1))
@@ -136,7 +135,6 @@ class Attention(nn.Module):
         self.pwconv = nn.Conv2d(dim, 2 * self.nh_kd + self.v_dim, 1)
         self.dwconv = Conv2dBN(self.v_dim, self.v_dim, 3, 1, 1, groups=self.v_dim)
         self.proj_out = nn.Linear(self.v_dim, dim)
-        self.n_points = n_points
         # Set by freeze_bias() for export. The bias is otherwise gathered from the live parameter on every
         # call: the authors cache it when .eval() is called, which goes stale if weights load afterwards.
         self.frozen_bias: torch.Tensor | None = None
