@@ -19,10 +19,12 @@ Choices, and why (measured here; shared/notes/perf-findings.md):
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import tempfile
 from collections import defaultdict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,7 +109,7 @@ def quantize_int8(
             path = next(self.pending, None)
             return None if path is None else {input_name: preprocess_image(open_image(path), preprocessing)}
 
-    with tempfile.TemporaryDirectory(prefix="sbcrt-int8-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="sbcrt-int8-") as tmp, _quiet_root_logger():
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(fp32, source)
         quantize_static(
@@ -125,6 +127,19 @@ def quantize_int8(
         quantized = onnx.load(target)
     gelu_as_int8_sigmoid(quantized, skip=keep_fp32 or ())
     return quantized
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """onnxruntime's quantiser warns on the root logger about things that do not apply here (1-D per-channel
+    axes of LayerNorm weights, a pre-processing step meant for other models), dozens of lines per export."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def gelu_as_int8_sigmoid(model: onnx.ModelProto, skip: Collection[str] = ()) -> int:
