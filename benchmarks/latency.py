@@ -21,9 +21,11 @@ Configs, each fed the same preprocessed photo:
 - camera_frame (SBCFormer-XS runs only): a 1080p BGR frame to the input tensor, `Classifier.preprocess(frame,
   bgr=True, fast=True)`, the path `classify_frame` takes.
 
-Interleaving: configs take turns in rounds; each turn is one untimed run (it absorbs the switch from the
-previous config: its idle threads may still spin, the caches hold its weights) and `--block` timed runs. On a
-busy machine all configs are slowed alike, so their ratios stay meaningful even when absolute times wander.
+Interleaving: configs take turns in rounds; each turn is a 0.1 s pause and one untimed run (they absorb the switch
+from the previous config: its idle threads spin-wait for tens of ms, the caches hold its weights) and `--block`
+timed runs. Without the pause, 2-thread variants lost a core to the previous variant's spinning threads (int8 looked
+slower than fp32 at 2 threads). On a busy machine all configs are slowed alike, so their ratios stay meaningful even
+when absolute times wander.
 
 Output (contract other tools read), one per (arch, threads):
     {"arch", "threads", "macs", "sgemm_gflops", "configs": {NAME: {"median_ms", "p90_ms", ...}}, ...}
@@ -62,6 +64,9 @@ BUILD = REPO / "build" / "benchmarks"
 SEED = 0
 CALIB_COUNT = 100
 SGEMM_SIZE = 1024
+# Pause before each turn: the previous variant's idle worker threads (OpenMP, TBB, onnxruntime) spin-wait for a
+# while after its last run, and on 2 cores they take the core a 2-thread variant needs.
+SETTLE_S = 0.1
 
 # The paper's Table (WACV 2024): ImageNet top-1 (%), Raspberry Pi 4 latency (s) and Intel CPU latency (ms).
 PAPER = {
@@ -291,6 +296,7 @@ class SgemmWorker:
 def run_interleaved(configs: list[Config], rounds: int, block: int) -> None:
     for _ in range(rounds):
         for config in configs:
+            time.sleep(SETTLE_S)
             if config.timer is not None:
                 config.timer(1)
                 config.times_ms += config.timer(block)

@@ -15,6 +15,9 @@ from sbcrt.commands.classify import positive_int, resolve_model
 from sbcrt.errors import UsageError
 
 SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "samples" / "chelsea.png"
+# Pause before each block: the previous session's idle workers spin-wait for ~50 ms after its last run (measured
+# with onnxruntime 1.32), and would take the cores the next session's threads need.
+SETTLE_S = 0.1
 
 
 def thread_list(text: str) -> list[int]:
@@ -99,8 +102,8 @@ def measure(
 ) -> dict[str, Any]:
     """Latency of `model` at each thread count, interleaved in blocks of `block` timed runs.
 
-    Every block starts with one untimed run: it absorbs the switch from the previous session (its idle
-    threads may still be spinning, and the caches hold its weights).
+    Every block starts after a pause (SETTLE_S) and one untimed run: they absorb the switch from the previous
+    session (its idle threads spinning, its weights in the caches).
     """
     from sbcrt.classifier import Classifier
     from sbcrt.evaluation import latency_summary
@@ -122,6 +125,8 @@ def measure(
         for _, classifier, tensor, _, _, times in sessions:
             if len(times) >= runs:
                 continue
+            if len(sessions) > 1:
+                time.sleep(SETTLE_S)
             classifier.run(tensor)
             for _ in range(min(block, runs - len(times))):
                 start = time.perf_counter()
