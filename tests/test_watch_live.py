@@ -99,7 +99,7 @@ def test_missing_camera_is_retried_with_backoff_until_sigterm(runtime_models: di
 
 def test_slow_model_always_gets_the_newest_frame(tmp_path: Path) -> None:
     server = MjpegServer(numbered_jpeg, fps=50).start()
-    model = build_slow_probe(tmp_path / "slow.onnx", matmuls=48)
+    model = build_slow_probe(tmp_path / "slow.onnx", matmuls=96)  # ~0.1 s a frame: a gap of ~5 frames at 50 fps
     out = tmp_path / "out.jsonl"
     watcher = WatchProcess(server.url, "--model", str(model), "--threads", "1", "-k", "3", "--jsonl", str(out))
     try:
