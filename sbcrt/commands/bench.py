@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sbcrt.commands.classify import positive_int, resolve_model
+from sbcrt.commands.classify import add_model_arguments, positive_int, resolve_model
 from sbcrt.errors import UsageError
 
 SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "samples" / "chelsea.png"
@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "of runs of each in turn), so a busy machine slows them alike. Also reports the session load time, the "
         "first (cold) run, peak memory and the machine.",
     )
-    p.add_argument("-m", "--model", type=Path, help="the .onnx model (required; default: $SBCRT_MODEL)")
+    add_model_arguments(p, required_help="required", threads=False)
     p.add_argument(
         "--threads",
         type=thread_list,
@@ -53,10 +53,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--runs", type=positive_int, default=50, help="timed runs per thread count (default 50)")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per thread count first (default 5)")
-    p.add_argument(
-        "--no-spin", action="store_true", help="idle threads sleep instead of spinning (when other work shares the CPU)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the optimised-graph cache")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

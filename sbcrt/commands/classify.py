@@ -23,10 +23,12 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, required_help: str) -> None:
-    """--model and the session flags, shared by `classify` and `info`."""
+def add_model_arguments(p: argparse.ArgumentParser, *, required_help: str, threads: bool = True) -> None:
+    """--model and the session flags, shared by `classify`, `info`, `eval` and `bench` (which sweeps a list of
+    thread counts, so declares its own --threads: threads=False)."""
     p.add_argument("-m", "--model", type=Path, help=f"the .onnx model ({required_help}; default: ${MODEL_ENV})")
-    p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
+    if threads:
+        p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
     p.add_argument(
         "--no-spin", action="store_true", help="idle threads sleep instead of spinning (when other work shares the CPU)"
     )
