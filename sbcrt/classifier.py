@@ -24,7 +24,7 @@ from PIL import Image
 from sbcrt.errors import UsageError
 from sbcrt.images import ImageError, ImageSource, frame_channels, open_image, to_rgb, upright
 from sbcrt.metadata import ModelConfig, imagenet_labels
-from sbcrt.preprocess import Preprocessing, preprocess_frame, preprocess_image
+from sbcrt.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
 from sbcrt.session import create_session
 
 # timm's and torchvision's convention for models without a recorded resize: crop / 0.875 (224 -> 256).
@@ -332,12 +332,10 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def _swap_channels(pixels: np.ndarray) -> np.ndarray:
-    try:
-        import cv2
-
-        return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_BGR2RGB)  # ~50x faster than numpy's copy
-    except ImportError:
+    cv2 = optional_opencv()
+    if cv2 is None:
         return np.ascontiguousarray(pixels[:, :, ::-1])
+    return cv2.cvtColor(np.ascontiguousarray(pixels), cv2.COLOR_BGR2RGB)  # ~50x faster than numpy's copy
 
 
 def _describe(image: object) -> str:

@@ -130,7 +130,7 @@ def preprocess_frame(frame: np.ndarray, spec: Preprocessing, *, bgr: bool, resam
     if left < 0 or top < 0:  # tiny frames that need padding are rare and cheap: use the exact path
         rgb = pixels[:, :, ::-1] if bgr else pixels
         return preprocess_image(Image.fromarray(np.ascontiguousarray(rgb)), spec)
-    if resampler == "pil" or spec.interpolation == "nearest" or _opencv() is None:
+    if resampler == "pil" or spec.interpolation == "nearest" or optional_opencv() is None:
         return _resample_crop_with_pil(pixels, spec, bgr=bgr)
     plan = _crop_plan(height, width, spec, REDUCING_GAP)
     region = _area_shrink(pixels[plan.rows, plan.columns], plan.factor)
@@ -182,7 +182,7 @@ def _aligned_span(start: float, stop: float, size: int, factor: int) -> tuple[in
 
 
 @functools.cache
-def _opencv() -> ModuleType | None:
+def optional_opencv() -> ModuleType | None:
     """OpenCV, imported on first use; None where it is missing (it is a dependency, but a hand-built Pi image
     may lack it: the fast path then uses the "pil" resampler)."""
     try:
@@ -195,7 +195,7 @@ def _opencv() -> ModuleType | None:
 def _area_shrink(region: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return region
-    cv2 = _opencv()
+    cv2 = optional_opencv()
     if cv2 is None:  # PIL's box reduce: the same average, slower
         return np.asarray(Image.fromarray(np.ascontiguousarray(region)).reduce(factor))
     # For an integer factor INTER_AREA is an exact box average, like PIL's reduce(), only faster.
@@ -320,7 +320,7 @@ class CropPlan:
 
     def resample(self, region: np.ndarray) -> np.ndarray:
         """HxWx3 uint8 region -> the crop, crop_h x crop_w x 3 uint8, as PIL's resize-then-crop computes it."""
-        cv2 = _opencv()
+        cv2 = optional_opencv()
         crop_h, crop_w = self.vertical[-1].outputs.stop, self.horizontal[-1].outputs.stop
         across = _resample_rows(cv2.transpose(region), self.horizontal)  # crop_w x (height * 3)
         down = cv2.transpose(across.reshape(crop_w, region.shape[0], 3))  # height x crop_w x 3, still 8-bit
@@ -347,7 +347,7 @@ def _resample_rows(image: np.ndarray, blocks: list[BandBlock]) -> np.ndarray:
         if chunks * step < width:
             np.matmul(block.weights, inputs[:, chunks * step :], out=sums[block.outputs, chunks * step :])
     # Round (half up, see HALF_UP_BIAS) and saturate to 8 bits in one SIMD pass.
-    cv2 = _opencv()
+    cv2 = optional_opencv()
     return cv2.add(sums, HALF_UP_BIAS, dtype=cv2.CV_8U)
 
 
