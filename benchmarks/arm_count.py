@@ -262,7 +262,7 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
     regions_file = Path(name)  # unique: the same job may run twice at once (the CI check does)
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO),  # the repo's sbcrt.session, as the Pi would have installed it
+        "PYTHONPATH": str(REPO),  # the repo's sbcrt.runtime.session, as the Pi would have installed it
         "PYTHONHASHSEED": "0",  # the same dict orders in every run
     }
     command = [

@@ -56,7 +56,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sbcrt.evaluation import LogitComparison, evaluate, find_dataset, latency_summary  # noqa: E402
+from sbcrt.runtime.evaluation import LogitComparison, evaluate, find_dataset, latency_summary  # noqa: E402
 
 ARCHS = ("sbcformer_xs", "sbcformer_s", "sbcformer_b", "sbcformer_l")
 SHARED_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-samples"
@@ -240,7 +240,7 @@ def openvino_config(path: Path, tensor: np.ndarray, threads: int) -> Config:
 
 
 def sbcrt_config(name: str, path: Path, tensor: np.ndarray, threads: int) -> tuple[Config, Any]:
-    from sbcrt.classifier import Classifier
+    from sbcrt.runtime.classifier import Classifier
 
     classifier = Classifier(path, threads=threads, cache_dir=BUILD / "graph-cache")
     return Config(name, lambda: classifier.run(tensor), lambda: classifier.run(tensor)), classifier
@@ -309,7 +309,7 @@ def run_interleaved(configs: list[Config], rounds: int, block: int) -> None:
 
 
 def measure(arch: str, threads: int, args: argparse.Namespace, sgemm: SgemmWorker) -> dict[str, Any]:
-    from sbcrt.classifier import Classifier
+    from sbcrt.runtime.classifier import Classifier
 
     print(f"{arch}, {threads} thread(s): preparing", flush=True)
     skip = set(args.skip)
@@ -411,7 +411,7 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 def accuracy(archs: list[str], threads: int, sbcformer_photos: int) -> dict[str, Any]:
     """int8 vs fp32: EfficientNet-Lite0 top-1 on the 250 shared photos (real weights), and SBCFormer's logit
     error on `sbcformer_photos` of them (seeded weights: top-1 means nothing there, the error does)."""
-    from sbcrt.classifier import Classifier
+    from sbcrt.runtime.classifier import Classifier
 
     out: dict[str, Any] = {}
     if not int8_available():
@@ -437,7 +437,7 @@ def camera_agreement(photos: list[Path], models: dict[str, Path]) -> dict[str, A
     """Top-1 agreement of the fast 1080p frame path with the exact photo path on the same frames."""
     import cv2
 
-    from sbcrt.classifier import Classifier
+    from sbcrt.runtime.classifier import Classifier
 
     frame_bench = load_frame_benchmark()
     noise = np.random.default_rng(0).normal(0, 4, (1080, 1920, 3)).round().astype(np.int16)
@@ -462,7 +462,7 @@ def machine() -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    from sbcrt.session import cpu_info, physical_cores
+    from sbcrt.runtime.session import cpu_info, physical_cores
 
     cpu = cpu_info()
     info = {

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sbcrt.classifier import Classifier  # noqa: E402
+from sbcrt.runtime.classifier import Classifier  # noqa: E402
 from sbcrt.watch.loop import LoopOptions, WatchLoop  # noqa: E402
 from sbcrt.watch.mqtt import DEFAULT_QUEUE, MqttSettings, MqttSink  # noqa: E402
 from sbcrt.watch.sinks import Sink  # noqa: E402

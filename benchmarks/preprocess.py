@@ -13,7 +13,7 @@ exact-path logits are computed once per frame and reused. "max diff" is the larg
 path's pixels, in 8-bit levels, over all frames. Everything runs on one thread (OpenCV and BLAS limited to 1,
 --threads to change), so the times are CPU cost; PIL and onnxruntime with threads=1 use one anyway.
 
-Variants: "matmul" does PIL's filter arithmetic as BLAS products (sbcrt/preprocess.py), "pil" calls PIL's
+Variants: "matmul" does PIL's filter arithmetic as BLAS products (sbcrt/runtime/preprocess.py), "pil" calls PIL's
 Image.resize(box=...) on the crop region; "gap 2" pre-shrinks 1080p frames by 2 with an area average first.
 """
 
@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from sbcrt import preprocess
-from sbcrt.preprocess import Preprocessing, preprocess_frame, preprocess_image
+from sbcrt.runtime import preprocess
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME_SIZES = [(1920, 1080), (3840, 2160)]
@@ -240,7 +240,7 @@ def xs_inference_ratio(frames: list[np.ndarray], spec: Preprocessing, count: int
 
 def jpeg_rows(frames, spec, classifier, variants, exact_logits) -> list[dict]:
     """The same 1080p frames as JPEG files: exact decode + preprocess vs draft (DCT-scaled) decode + fast path."""
-    from sbcrt.images import open_image
+    from sbcrt.runtime.images import open_image
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

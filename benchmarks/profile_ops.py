@@ -2,7 +2,7 @@
 
     python benchmarks/profile_ops.py build/benchmarks/models/<key>/sbcformer_b.fp32.onnx --threads 1
 
-The session uses sbcrt's settings (sbcrt/session.py: full optimisation, sequential execution, one inter-op
+The session uses sbcrt's settings (sbcrt/runtime/session.py: full optimisation, sequential execution, one inter-op
 thread, spinning) plus onnxruntime's profiler, which session.py has no switch for. Times are the profiler's
 kernel times summed per run (medians over runs), so they leave out the session's own overhead between kernels.
 """

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from sbcrt.classifier import Classifier  # noqa: E402
+from sbcrt.runtime.classifier import Classifier  # noqa: E402
 from sbcrt.watch.loop import LoopOptions, WatchLoop  # noqa: E402
 from sbcrt.watch.sinks import JsonlSink, Sink, StopWatching  # noqa: E402
 from sbcrt.watch.sources import SourceOptions, parse_source  # noqa: E402
@@ -273,7 +273,7 @@ def print_table(report: dict) -> None:
 
 
 def _cpu_name() -> str:
-    from sbcrt.session import cpu_info
+    from sbcrt.runtime.session import cpu_info
 
     return cpu_info().model
 

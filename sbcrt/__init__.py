@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 if TYPE_CHECKING:
-    from sbcrt.classifier import Classifier, Result
+    from sbcrt.runtime.classifier import Classifier, Result
 
 __all__ = ["Classifier", "Result", "__version__"]
 
@@ -23,7 +23,7 @@ __all__ = ["Classifier", "Result", "__version__"]
 def __getattr__(name: str) -> Any:
     # Lazy: the Classifier pulls in onnxruntime, which a CLI `--help` or the export stage never needs.
     if name in ("Classifier", "Result"):
-        from sbcrt import classifier
+        from sbcrt.runtime import classifier
 
         return getattr(classifier, name)
     raise AttributeError(f"module 'sbcrt' has no attribute {name!r}")

@@ -68,7 +68,7 @@ def build_onnx(
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from sbcrt.metadata import ModelConfig
+    from sbcrt.runtime.metadata import ModelConfig
 
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, size, size])
     if body == "probe":

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbcrt.classifier import Classifier
 from sbcrt.commands.eval import ProgressBar
-from sbcrt.evaluation import LogitComparison, evaluate, find_dataset
+from sbcrt.runtime.classifier import Classifier
+from sbcrt.runtime.evaluation import LogitComparison, evaluate, find_dataset
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sbcrt" / "data" / "samples"
 LITE0_TOP1 = 0.896  # the PyTorch reference on the shared photos (shared/data/README.md)

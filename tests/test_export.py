@@ -20,10 +20,10 @@ from sbcrt.export import pipeline
 from sbcrt.export.checkpoint import load_checkpoint, load_weights
 from sbcrt.export.graph import op_counts as graph_ops
 from sbcrt.export.pipeline import export_model
-from sbcrt.images import open_image
-from sbcrt.metadata import ModelConfig
 from sbcrt.models.registry import get_architecture
-from sbcrt.preprocess import Preprocessing, preprocess_image
+from sbcrt.runtime.images import open_image
+from sbcrt.runtime.metadata import ModelConfig
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 from tests.export_helpers import authors_checkpoint, save, seeded_state_dict
 
 PAPER_GMACS = {"sbcformer_xs": 0.47, "sbcformer_s": 0.64, "sbcformer_b": 1.07, "sbcformer_l": 2.00}

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from sbcrt.errors import UsageError
-from sbcrt.preprocess import Preprocessing, preprocess_frame, preprocess_image
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sbcrt" / "data" / "samples"
 # Pixels as levels: mean 0, std 1/255 makes the model input the 8-bit value itself.

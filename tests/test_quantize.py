@@ -13,9 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from sbcrt.export.graph import op_counts
 from sbcrt.export.quantize import quantize_int8
-from sbcrt.images import open_image
-from sbcrt.metadata import ModelConfig
-from sbcrt.preprocess import Preprocessing, preprocess_image
+from sbcrt.runtime.images import open_image
+from sbcrt.runtime.metadata import ModelConfig
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 
 SIZE = 32
 

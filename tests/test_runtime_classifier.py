@@ -15,8 +15,8 @@ from PIL import Image
 
 from sbcrt import Classifier
 from sbcrt.errors import UsageError
-from sbcrt.preprocess import Preprocessing, preprocess_frame, preprocess_image
-from sbcrt.session import physical_cores
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image
+from sbcrt.runtime.session import physical_cores
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sbcrt" / "data" / "samples"
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sbcrt import Classifier
-from sbcrt.images import ImageError, open_image
+from sbcrt.runtime.images import ImageError, open_image
 
 REDDISH = (200, 40, 10)
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sbcrt.classifier import Classifier
+from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sinks import Sink, StopWatching
 from sbcrt.watch.sources import SourceOptions, parse_source

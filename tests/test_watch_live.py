@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sbcrt.classifier import Classifier
+from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sinks import Sink, StopWatching
 from sbcrt.watch.sources import SourceOptions, parse_source

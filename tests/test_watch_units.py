@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbcrt.classifier import Classifier
 from sbcrt.errors import UsageError
+from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.events import EventRules, parse_rule
 from sbcrt.watch.sinks import FrameSaver, JsonlSink, parse_save_limits
 from sbcrt.watch.sources import (

@@ -147,7 +147,7 @@ def build_slow_probe(path: Path, *, size: int = 64, matmuls: int = 24, width: in
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from sbcrt.metadata import ModelConfig
+    from sbcrt.runtime.metadata import ModelConfig
 
     rng = np.random.default_rng(0)
     weight, _ = np.linalg.qr(rng.standard_normal((width, width)))

@@ -63,7 +63,7 @@ def machine_info() -> dict[str, Any]:
     import onnxruntime as ort
 
     from sbcrt import __version__
-    from sbcrt.session import choose_providers, cpu_info, physical_cores
+    from sbcrt.runtime.session import choose_providers, cpu_info, physical_cores
 
     cpu = cpu_info()
     return {
@@ -101,8 +101,8 @@ def measure(
     Every block starts after a pause (SETTLE_S) and one untimed run: they absorb the switch from the previous
     session (its idle threads spinning, its weights in the caches).
     """
-    from sbcrt.classifier import Classifier
-    from sbcrt.evaluation import latency_summary
+    from sbcrt.runtime.classifier import Classifier
+    from sbcrt.runtime.evaluation import latency_summary
 
     sessions = []
     for count in threads:
@@ -164,7 +164,7 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    from sbcrt.session import physical_cores
+    from sbcrt.runtime.session import physical_cores
 
     model = resolve_model(args, required=True)
     if args.warmup < 0:

@@ -71,8 +71,8 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def load_classifier(args: argparse.Namespace, model: Path, *, warmup: bool = True):
-    from sbcrt.classifier import Classifier
-    from sbcrt.metadata import read_labels_file
+    from sbcrt.runtime.classifier import Classifier
+    from sbcrt.runtime.metadata import read_labels_file
 
     labels = None
     if getattr(args, "labels", None):
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     if args.logits and not args.json:
         raise UsageError("--logits only applies to --json output")
     model = resolve_model(args, required=True)
-    from sbcrt.sources import expand_sources
+    from sbcrt.runtime.image_files import expand_sources
 
     sources = expand_sources(args.inputs)  # before loading the model: a typo should not wait for it
     classifier = load_classifier(args, model)

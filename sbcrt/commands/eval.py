@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sbcrt.evaluation import check_comparable, evaluate, find_dataset
+    from sbcrt.runtime.evaluation import check_comparable, evaluate, find_dataset
 
     model_path = resolve_model(args, required=True)
     if args.vs is not None and not args.vs.is_file():

@@ -31,7 +31,7 @@ def gather(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime as ort
 
     from sbcrt import __version__
-    from sbcrt.session import choose_providers, cpu_info, default_cache_dir, physical_cores
+    from sbcrt.runtime.session import choose_providers, cpu_info, default_cache_dir, physical_cores
 
     versions = {"sbcrt": __version__, "python": platform.python_version()}
     for package in PACKAGES:

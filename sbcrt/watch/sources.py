@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from sbcrt.errors import UsageError
-from sbcrt.sources import IMAGE_EXTENSIONS
+from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
 
 log = logging.getLogger("sbcrt.watch")
 

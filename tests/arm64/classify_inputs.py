@@ -51,7 +51,7 @@ def hardware_capabilities() -> list[str]:
 def platform_report(threads: int) -> dict:
     import onnxruntime as ort
 
-    from sbcrt.session import cpu_info
+    from sbcrt.runtime.session import cpu_info
 
     cpu = cpu_info()
     return {

@@ -1,6 +1,6 @@
 """Guest side of the instruction counter: runs inside the emulated arm64 userland, under QEMU with the
 insn_count plugin (benchmarks/arm_count.py starts it). Opens a model the way sbcrt does on a Pi
-(sbcrt.session.create_session) with a given number of intra-op threads, runs it `--warmup` times uncounted,
+(sbcrt.runtime.session.create_session) with a given number of intra-op threads, runs it `--warmup` times uncounted,
 then `--repeat` times, each run bracketed by region markers the plugin counts between.
 
     python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 2] [--repeat 1]
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
 
     import onnxruntime as ort
 
-    from sbcrt.session import create_session
+    from sbcrt.runtime.session import create_session
 
     # Graph cache off: the first start optimises the graph exactly as a cached start would load it, and
     # nothing is written into the user's cache from an emulated CPU.

@@ -32,10 +32,10 @@ import numpy as np
 import onnx
 
 from sbcrt.errors import UsageError
-from sbcrt.images import open_image
-from sbcrt.metadata import ModelConfig
-from sbcrt.preprocess import Preprocessing, preprocess_image
-from sbcrt.sources import IMAGE_EXTENSIONS
+from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
+from sbcrt.runtime.images import open_image
+from sbcrt.runtime.metadata import ModelConfig
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 
 MATRIX_OPS = ("Conv", "MatMul", "Gemm")  # the compute; the stem and the classifier are the first and last
 GELU_SIGMOID_SLOPE = 1.702  # GELU(x) ~ x * sigmoid(1.702 x), the GELU paper's own approximation

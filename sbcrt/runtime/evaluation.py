@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from sbcrt.errors import SbcrtError, UsageError
-from sbcrt.sources import folder_images
+from sbcrt.runtime.image_files import folder_images
 
 SYNSET = re.compile(r"^n\d{8}$")
 FLAT_NAME = re.compile(r"^(n\d{8})_")

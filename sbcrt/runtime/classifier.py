@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from sbcrt.errors import UsageError
-from sbcrt.images import ImageError, ImageSource, frame_channels, open_image, to_rgb, upright
-from sbcrt.metadata import ModelConfig, imagenet_labels
-from sbcrt.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
-from sbcrt.session import create_session
+from sbcrt.runtime.images import ImageError, ImageSource, frame_channels, open_image, to_rgb, upright
+from sbcrt.runtime.metadata import ModelConfig, imagenet_labels
+from sbcrt.runtime.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
+from sbcrt.runtime.session import create_session
 
 # timm's and torchvision's convention for models without a recorded resize: crop / 0.875 (224 -> 256).
 DEFAULT_CROP_PCT = 0.875

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 
 from sbcrt.errors import UsageError
-from sbcrt.images import frame_channels
-from sbcrt.metadata import ModelConfig
+from sbcrt.runtime.images import frame_channels
+from sbcrt.runtime.metadata import ModelConfig
 
 FILTERS = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -24,9 +24,9 @@ from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_o
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import rewrite_for_inference
-from sbcrt.metadata import ModelConfig, imagenet_labels, read_labels_file
 from sbcrt.models.registry import Architecture, get_architecture
-from sbcrt.sources import folder_images
+from sbcrt.runtime.image_files import folder_images
+from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, read_labels_file
 
 # ONNX vs PyTorch: max |difference| of the logits must stay within this fraction of the largest |logit|.
 RELATIVE_TOLERANCE = 1e-4
@@ -125,8 +125,8 @@ def export_model(
 
     `raw_graph_stats` also translates the unfolded model without clean-up, only to report what folding
     removed (node counts); it costs a second export. `rewrite=False` skips the layout rewrites
-    (export/rewrite.py), for comparisons: the graph is then the folded authors' structure.
-    `int8` writes a statically quantised model instead (export/quantize.py), calibrated on `calib_count`
+    (sbcrt/export/rewrite.py), for comparisons: the graph is then the folded authors' structure.
+    `int8` writes a statically quantised model instead (sbcrt/export/quantize.py), calibrated on `calib_count`
     photos of `calib_dir`, after the fp32 graph has passed its parity check.
     """
     started = time.perf_counter()
@@ -278,8 +278,8 @@ def _check_parity(
     """Run the written bytes in onnxruntime and the unfolded PyTorch model on the same inputs."""
     import onnxruntime as ort
 
-    from sbcrt.images import open_image
-    from sbcrt.preprocess import Preprocessing, preprocess_image
+    from sbcrt.runtime.images import open_image
+    from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
