@@ -31,8 +31,8 @@ from sbcrt.watch.loop import LoopOptions, WatchLoop  # noqa: E402
 from sbcrt.watch.mqtt import DEFAULT_QUEUE, MqttSettings, MqttSink  # noqa: E402
 from sbcrt.watch.sinks import Sink  # noqa: E402
 from sbcrt.watch.sources import SourceOptions, parse_source  # noqa: E402
-from tests.mqtt_broker import Broker  # noqa: E402
-from tests.watch_helpers import RED_PERIOD, MjpegServer, build_slow_probe, jpeg, numbered_frame  # noqa: E402
+from tests.support.mqtt_broker import Broker  # noqa: E402
+from tests.support.watch import RED_PERIOD, MjpegServer, build_slow_probe, jpeg, numbered_frame  # noqa: E402
 
 FLAP_S = 2.0
 

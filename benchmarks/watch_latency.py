@@ -35,7 +35,7 @@ from sbcrt.runtime.classifier import Classifier  # noqa: E402
 from sbcrt.watch.loop import LoopOptions, WatchLoop  # noqa: E402
 from sbcrt.watch.sinks import JsonlSink, Sink, StopWatching  # noqa: E402
 from sbcrt.watch.sources import SourceOptions, parse_source  # noqa: E402
-from tests.watch_helpers import MjpegServer, jpeg, photo_frames, rss_mb, write_video  # noqa: E402
+from tests.support.watch import MjpegServer, jpeg, photo_frames, rss_mb, write_video  # noqa: E402
 
 STAGES = ("capture", "preprocess", "inference", "postprocess", "total")
 SIZE_1080P = (1920, 1080)
@@ -47,8 +47,8 @@ class Collect(Sink):
         self.times: list[float] = []
         self.total = total
 
-    def record(self, record: dict, frame) -> None:
-        self.records.append(record)
+    def record(self, record, frame) -> None:
+        self.records.append(record.to_json())
         self.times.append(time.monotonic())
         if len(self.records) >= self.total:
             raise StopWatching("enough")
@@ -170,7 +170,7 @@ def reconnect_trials(classifier, encoded: list[bytes], down_s: float, trials: in
             self.back_at: float | None = None
             self.down_at = 0.0
 
-        def record(self, record: dict, frame) -> None:
+        def record(self, record, frame) -> None:
             self.count += 1
             now = time.monotonic()
             if self.in_trial and self.back_at is not None:
@@ -214,7 +214,7 @@ def soak(classifier, frames: list[np.ndarray], count: int) -> dict:
         def __init__(self) -> None:
             self.count = 0
 
-        def record(self, record: dict, frame) -> None:
+        def record(self, record, frame) -> None:
             self.count += 1
             if self.count == warmup:
                 marks["warm"] = rss_mb()

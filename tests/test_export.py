@@ -24,7 +24,7 @@ from sbcrt.models.registry import get_architecture
 from sbcrt.runtime.images import open_image
 from sbcrt.runtime.metadata import ModelConfig
 from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
-from tests.export_helpers import authors_checkpoint, save, seeded_state_dict
+from tests.support.export import authors_checkpoint, save, seeded_state_dict
 
 PAPER_GMACS = {"sbcformer_xs": 0.47, "sbcformer_s": 0.64, "sbcformer_b": 1.07, "sbcformer_l": 2.00}
 SAMPLE = Path(__file__).resolve().parents[1] / "sbcrt" / "data" / "samples" / "chelsea.png"

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from sbcrt.errors import UsageError
+from sbcrt.runtime.classifier import Prediction
 from sbcrt.watch.mqtt import MqttSettings, MqttSink, parse_mqtt_url, redact_url
-from tests.mqtt_broker import Broker, Subscriber, make_certificates, retained
-from tests.watch_helpers import (
+from sbcrt.watch.types import Record
+from tests.support.mqtt_broker import Broker, Subscriber, make_certificates, retained
+from tests.support.watch import (
     RED_PERIOD,
     MjpegServer,
     WatchProcess,
@@ -342,9 +344,8 @@ def test_broker_down_at_start_queue_keeps_the_newest(tmp_path: Path, runtime_mod
 # -- the publisher in-process ----------------------------------------------------------------------------------------
 
 
-def fake_record(frame: int, label: str, prob: float = 0.9) -> dict:
-    return {"frame": frame, "time": "2025-05-01T06:12:03.481+02:00", "source": "test",
-            "topk": [{"index": 0, "label": label, "prob": prob}]}  # fmt: skip
+def fake_record(frame: int, label: str, prob: float = 0.9) -> Record:
+    return Record(frame, "2025-05-01T06:12:03.481+02:00", "test", [Prediction(0, label, prob)])
 
 
 def test_retained_state_is_republished_after_a_broker_restart(broker: Broker) -> None:

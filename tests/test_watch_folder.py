@@ -22,7 +22,8 @@ from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sinks import Sink, StopWatching
 from sbcrt.watch.sources import SourceOptions, parse_source
-from tests.watch_helpers import SAMPLES, WatchProcess, read_jsonl
+from sbcrt.watch.types import Record
+from tests.support.watch import SAMPLES, WatchProcess, read_jsonl
 
 
 def photo_bytes(seed: int) -> bytes:
@@ -96,8 +97,8 @@ class Collect(Sink):
         self.records: list[dict] = []
         self.until = until
 
-    def record(self, record: dict, frame) -> None:
-        self.records.append(record)
+    def record(self, record: Record, frame) -> None:
+        self.records.append(record.to_json())
         if self.until(self.records):
             raise StopWatching("done")
 

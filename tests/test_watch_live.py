@@ -17,7 +17,7 @@ from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sinks import Sink, StopWatching
 from sbcrt.watch.sources import SourceOptions, parse_source
 from tests.conftest import build_onnx
-from tests.watch_helpers import (
+from tests.support.watch import (
     RED_PERIOD,
     MjpegServer,
     WatchProcess,
@@ -137,7 +137,7 @@ class StopAfter(Sink):
         self.count = 0
         self.rss_after_warmup = 0.0
 
-    def record(self, record: dict, frame) -> None:
+    def record(self, record, frame) -> None:
         self.count += 1
         if self.count == self.warmup:
             self.rss_after_warmup = rss_mb()
@@ -169,16 +169,16 @@ def test_memory_stays_flat_over_a_soak(tmp_path: Path) -> None:
 def test_fps_cap_on_a_live_source(fps: float, runtime_models: dict[str, Path]) -> None:
     server = MjpegServer(numbered_jpeg, fps=40).start()
     classifier = Classifier(runtime_models["tiny"], threads=1, spin=False, cache_dir=False)
-    source = parse_source(server.url, SourceOptions(timeout_s=2.0))
+    source = parse_source(server.url, SourceOptions(timeout_s=2.0, fps=fps))
     times: list[float] = []
 
     class Clock(Sink):
-        def record(self, record: dict, frame) -> None:
+        def record(self, record, frame) -> None:
             times.append(time.monotonic())
             if len(times) == 9:
                 raise StopWatching("enough")
 
-    loop = WatchLoop(source, classifier, [Clock()], options=LoopOptions(fps=fps))
+    loop = WatchLoop(source, classifier, [Clock()], options=LoopOptions())
     try:
         loop.run()
     finally:

@@ -16,16 +16,16 @@ from sbcrt.watch.events import EventRules, parse_rule
 from sbcrt.watch.sinks import FrameSaver, JsonlSink, parse_save_limits
 from sbcrt.watch.sources import (
     PICAMERA2_MISSING,
-    Frame,
     OpenCVCapture,
     SourceOptions,
     VideoFileSource,
     WatchedImages,
     parse_source,
-    redact_url,
 )
 from sbcrt.watch.stats import LatencyHistogram, WatchStats, format_stats
-from tests.watch_helpers import SAMPLES, write_video
+from sbcrt.watch.types import Event, Frame, Record
+from sbcrt.watch.urls import redact_url
+from tests.support.watch import SAMPLES, write_video
 
 # -- rules ----------------------------------------------------------------------------------------------------
 
@@ -44,19 +44,18 @@ def probe(runtime_models: dict[str, Path]) -> Classifier:
     return Classifier(runtime_models["probe"], threads=1, spin=False, cache_dir=False)
 
 
-def colour_record(probe: Classifier, rgb: tuple[int, int, int], number: int) -> tuple[list[dict], dict]:
+def colour_record(probe: Classifier, rgb: tuple[int, int, int], number: int) -> tuple[list, Record]:
     """A real record: the probe model (scores = channel means) on a flat frame of that colour."""
     frame = np.empty((48, 64, 3), np.uint8)
     frame[:, :] = rgb[::-1]
     result = probe.classify_frame(frame, bgr=True, top_k=3)
-    ranked = [{"index": p.index, "label": p.label, "prob": p.prob} for p in result.topk]
-    return ranked, {"frame": number, "time": f"t{number}", "source": "test", "topk": ranked}
+    return result.topk, Record(number, f"t{number}", "test", result.topk)
 
 
 def test_debounce_and_cooldown_on_real_records(probe: Classifier) -> None:
     red, green = (230, 20, 20), (20, 230, 20)
     ranked, _ = colour_record(probe, red, 0)
-    assert ranked[0]["label"] == "red" and 0.5 < ranked[0]["prob"] < 0.6  # softmax of channel means
+    assert ranked[0].label == "red" and 0.5 < ranked[0].prob < 0.6  # softmax of channel means
     rules = EventRules([parse_rule("red,blue>=0.5")], debounce=2, cooldown_s=10.0)
     # One frame per second: R G R R R R G R R ... the rule needs 2 reds in a row, then waits 10 s.
     colours = "RGRRRRGRRRRRRRRRRRR"
@@ -73,7 +72,7 @@ def test_debounce_and_cooldown_on_real_records(probe: Classifier) -> None:
 def test_threshold_decides_and_debounce_one_fires_at_once(probe: Classifier) -> None:
     rules = EventRules([parse_rule("red>=0.55")], debounce=1, cooldown_s=0.0)
     ranked, record = colour_record(probe, (230, 20, 20), 0)
-    assert 0.5 < ranked[0]["prob"] < 0.55
+    assert 0.5 < ranked[0].prob < 0.55
     assert rules.update(ranked, record, 0.0) == []
     rules = EventRules([parse_rule("red>=0.5")], debounce=1, cooldown_s=0.0)
     assert [e.frame for e in rules.update(ranked, record, 0.0)] == [0]
@@ -143,8 +142,6 @@ def fired_frame(number: int, wall_time: float, seed: int) -> Frame:
 
 
 def fire(saver: FrameSaver, frame: Frame) -> None:
-    from sbcrt.watch.events import Event
-
     saver.event(Event("fox>=0.5", "red fox", 0.91, frame.number, "t", "cam"), frame)
 
 
@@ -186,20 +183,24 @@ def test_frame_saver_logs_an_unwritable_folder_and_goes_on(tmp_path: Path, caplo
     assert [p.name.split("_")[1] for p in (blocker / "alerts").glob("*.jpg")] == ["2"]
 
 
+def bare_record(number: int) -> Record:
+    return Record(number, "t", "cam", [])
+
+
 def test_jsonl_on_a_full_disk_logs_once_then_recovers(tmp_path: Path, caplog) -> None:
     frame = Frame(0, 0.0, 0.0, 0.0, "cam")
     sink = JsonlSink(Path("/dev/full"), retry_s=0.0)  # every write fails with ENOSPC, like a full SD card
     with caplog.at_level(logging.WARNING, logger="sbcrt.watch"):
         logging.getLogger("sbcrt.watch").propagate = True
         for n in range(5):
-            sink.record({"frame": n}, frame)
+            sink.record(bare_record(n), frame)
         errors = [r.message for r in caplog.records if r.levelno == logging.ERROR]
         assert len(errors) == 1 and "No space left on device" in errors[0]
         assert sink._failures.dropped == 5
         sink.path = tmp_path / "deep" / "out.jsonl"  # the disk is writable again (parents are created)
-        sink.record({"frame": 5}, frame)
+        sink.record(bare_record(5), frame)
         sink.close()
-    assert (tmp_path / "deep" / "out.jsonl").read_text() == '{"frame":5}\n'
+    assert (tmp_path / "deep" / "out.jsonl").read_text() == '{"frame":5,"time":"t","source":"cam","topk":[]}\n'
     assert any("working again" in r.message and "5 dropped" in r.message for r in caplog.records)
 
 
@@ -208,14 +209,14 @@ def test_jsonl_unwritable_path_is_retried_later(tmp_path: Path) -> None:
     blocker.write_text("x")
     sink = JsonlSink(blocker / "out.jsonl", retry_s=3600.0)
     frame = Frame(0, 0.0, 0.0, 0.0, "cam")
-    sink.record({"frame": 0}, frame)
+    sink.record(bare_record(0), frame)
     blocker.unlink()
-    sink.record({"frame": 1}, frame)  # within the retry interval: not tried again yet
+    sink.record(bare_record(1), frame)  # within the retry interval: not tried again yet
     assert not blocker.exists()
     sink._retry_at = 0.0
-    sink.record({"frame": 2}, frame)
+    sink.record(bare_record(2), frame)
     sink.close()
-    assert (blocker / "out.jsonl").read_text() == '{"frame":2}\n'
+    assert (blocker / "out.jsonl").read_text() == '{"frame":2,"time":"t","source":"cam","topk":[]}\n'
 
 
 # -- sources --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sbcrt import cli
-from tests.watch_helpers import (
+from tests.support.watch import (
     RED_PERIOD,
     WatchProcess,
     build_slow_probe,

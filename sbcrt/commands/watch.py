@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     from sbcrt.watch.sinks import FrameSaver, HeartbeatSink, JsonlSink, StatsLogSink, parse_save_limits
     from sbcrt.watch.sources import SourceOptions, parse_source
 
+    if args.quiet:
+        quiet_native_logs()  # before anything imports OpenCV (parse_source opens a video file)
     # Everything a user can get wrong is checked before the model loads.
     model = resolve_model(args, required=True)
     if args.fps and args.stride:
@@ -246,14 +248,12 @@ def run(args: argparse.Namespace) -> int:
         if mqtt_settings:
             from sbcrt.watch.mqtt import MqttSink
 
-            saver = next((sink for sink in sinks if isinstance(sink, FrameSaver)), None)
             sinks.append(
                 MqttSink(
                     mqtt_settings,
                     labels=list(classifier.labels),
                     rules=[rule.text for rule in rules],
                     model_name=classifier.config.architecture,
-                    snapshot_path=saver.saved_path if saver else None,  # the saver runs first: the path is known
                 )
             )
         loop = WatchLoop(
@@ -263,7 +263,6 @@ def run(args: argparse.Namespace) -> int:
             events=events,
             options=LoopOptions(
                 top_k=args.top_k,
-                fps=args.fps,
                 stats_interval_s=args.stats_interval,
                 stall_timeout_s=2 * args.timeout,
             ),
@@ -276,6 +275,22 @@ def run(args: argparse.Namespace) -> int:
     finally:
         restore_logging()
     return 0
+
+
+OPENCV_LOG_ERROR = 2  # cv2.utils.logging.LOG_LEVEL_ERROR
+AV_LOG_FATAL = 8  # FFmpeg's av_log level: only messages about to abort
+
+
+def quiet_native_logs() -> None:
+    """-q for the C++ libraries too: OpenCV's own warnings ("[ WARN:0@1.2] ... can't open camera by index") and
+    FFmpeg's messages ("[tcp @ 0x..] Connection refused", "[mjpeg @ 0x..] error y=0") bypass Python's logging;
+    the loop already reports the same failures in its own lines. Both variables are read when OpenCV starts;
+    one a user set wins."""
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", str(AV_LOG_FATAL))
+    cv2 = sys.modules.get("cv2")  # already imported (sbcrt used as a library, or tests): set it directly
+    if cv2 is not None and hasattr(cv2, "setLogLevel") and os.environ["OPENCV_LOG_LEVEL"] == "ERROR":
+        cv2.setLogLevel(OPENCV_LOG_ERROR)
 
 
 def configure_logging(*, quiet: bool) -> Callable[[], None]:

@@ -192,6 +192,14 @@ def optional_opencv() -> ModuleType | None:
     return cv2
 
 
+def require_opencv(purpose: str) -> ModuleType:
+    """OpenCV for what cannot do without it (cameras, streams, videos, JPEG snapshots); UsageError otherwise."""
+    cv2 = optional_opencv()
+    if cv2 is None:
+        raise UsageError(f"OpenCV is needed for {purpose}: pip install opencv-python-headless")
+    return cv2
+
+
 def _area_shrink(region: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return region

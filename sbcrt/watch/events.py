@@ -15,10 +15,16 @@ import difflib
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from sbcrt.errors import UsageError
+from sbcrt.watch.types import Event, Record
+
+if TYPE_CHECKING:
+    from sbcrt.runtime.classifier import Prediction
+
+__all__ = ["Event", "EventRules", "Rule", "parse_rule"]
 
 RULE = re.compile(r"^(?P<labels>[^<>=]+?)\s*>=\s*(?P<threshold>[^<>=\s]+)$")
 
@@ -45,29 +51,6 @@ def parse_rule(text: str) -> Rule:
     if not 0.0 < threshold <= 1.0 or math.isnan(threshold):
         raise UsageError(f"--when {text!r}: the probability must be above 0 and at most 1")
     return Rule(labels, threshold, f"{','.join(labels)}>={match['threshold']}")
-
-
-@dataclass
-class Event:
-    """A rule that fired on a frame: the best-scoring of its labels and the record of that frame."""
-
-    rule: str
-    label: str
-    prob: float
-    frame: int
-    time: str
-    source: str
-    record: dict[str, Any] = field(repr=False, default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.rule,
-            "label": self.label,
-            "prob": self.prob,
-            "frame": self.frame,
-            "time": self.time,
-            "source": self.source,
-        }
 
 
 @dataclass
@@ -103,12 +86,12 @@ class EventRules:
                     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
                     raise UsageError(f"--when {rule.text!r}: the model has no class {label!r}{hint}")
 
-    def update(self, ranked: Sequence[dict[str, Any]], record: dict[str, Any], media_time: float) -> list[Event]:
-        """Feed one processed frame (its ranked classes {"label", "prob"}, best first); the events that fire."""
+    def update(self, ranked: Sequence[Prediction], record: Record, media_time: float) -> list[Event]:
+        """Feed one processed frame (its ranked classes, best first, and its record); the events that fire."""
         fired = []
         for rule, state in zip(self.rules, self._state, strict=True):
-            best = max((p for p in ranked if p["label"] in rule.labels), key=lambda p: p["prob"], default=None)
-            if best is None or best["prob"] < rule.threshold:
+            best = max((p for p in ranked if p.label in rule.labels), key=lambda p: p.prob, default=None)
+            if best is None or best.prob < rule.threshold:
                 state.streak = 0
                 continue
             state.streak += 1
@@ -118,7 +101,5 @@ class EventRules:
                 continue
             state.last_fired = media_time
             state.streak = 0
-            fired.append(
-                Event(rule.text, best["label"], best["prob"], record["frame"], record["time"], record["source"], record)
-            )
+            fired.append(Event(rule.text, best.label, best.prob, record.frame, record.time, record.source, record))
         return fired

@@ -1,19 +1,8 @@
 """The processing loop of `sbcrt watch`: take a frame, classify it, hand the record to the sinks, repeat.
 
-The per-frame record (one JSON line in --jsonl):
-
-    {"frame": 1234, "time": "2025-05-01T06:12:03.481+02:00", "source": "rtsp://cam-pen3/stream1",
-     "topk": [{"index": 3, "label": "fox", "prob": 0.82}, ...],
-     "timing_ms": {"capture": .., "preprocess": .., "inference": .., "postprocess": .., "total": ..}}
-    (+ "events": ["fox,coyote>=0.6"] on a frame where rules fired)
-
-timing_ms, by source:
-- live (camera, stream, picamera2): capture = the frame's age when the loop took it (time since the capture
-  thread received it); total = the frame's age when its record was ready: the end-to-end latency.
-- video file: capture = reading and decoding the frame (and grabbing the frames subsampling skipped).
-- folder/glob image: capture = reading and decoding the file (EXIF orientation applied, as `sbcrt classify`).
-preprocess/inference/postprocess are the classifier's stages (postprocess adds building the record and
-evaluating the rules); total is wall time, so the stages add up to it within microseconds.
+Each frame becomes a Record (its JSON schema and what each timing stage means: types.py), handed to every
+sink (sinks.py), then the events its rules fired. Statistics go to the sinks every `stats_interval_s`, also
+while a lost source is being reopened (a stats line that stops would look like a hung process).
 
 What keeps it unattended: a source that fails to open or stops delivering is closed and reopened with
 exponential backoff (0.5 s doubling to 30 s), forever; a live source silent for `stall_timeout_s` is treated as
@@ -27,15 +16,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
 
 from sbcrt.errors import SbcrtError, UsageError
-from sbcrt.watch.events import Event, EventRules
+from sbcrt.watch.events import EventRules
 from sbcrt.watch.sinks import Sink, StopWatching
-from sbcrt.watch.sources import Frame, FrameSource, SourceEnded, SourceLost, SourceUnavailable
+from sbcrt.watch.sources import FrameSource, SourceEnded, SourceLost, SourceUnavailable
 from sbcrt.watch.stats import WatchStats
+from sbcrt.watch.types import Event, Frame, FrameClassifier, Record, Timing
 
 log = logging.getLogger("sbcrt.watch")
 
@@ -44,8 +33,7 @@ POLL_S = 0.25  # longest wait for a frame before checking stop, stats and the wa
 
 @dataclass
 class LoopOptions:
-    top_k: int = 5
-    fps: float | None = None  # cap on processed frames per wall-clock second (live sources and folders)
+    top_k: int = 5  # (a --fps cap belongs to the source: FrameSource.max_fps)
     stats_interval_s: float = 10.0
     stall_timeout_s: float = 10.0  # a live source with no frame for this long is reopened
     backoff_initial_s: float = 0.5
@@ -72,13 +60,14 @@ class WatchLoop:
     """Runs `classifier` on the frames of `source` until the source ends (video file) or `stop()` is called.
 
     `classifier` is an sbcrt Classifier (or anything with its `classify`/`classify_frame`); `events` (optional)
-    decides which frames fire rules; every sink receives the records, events and stats.
+    decides which frames fire rules; every sink receives the records, events and stats (sinks.Sink); the
+    sinks that add to events (the frame saver) get each event first, then the others in the order given.
     """
 
     def __init__(
         self,
         source: FrameSource,
-        classifier: Any,
+        classifier: FrameClassifier,
         sinks: list[Sink],
         *,
         events: EventRules | None = None,
@@ -87,6 +76,7 @@ class WatchLoop:
         self.source = source
         self.classifier = classifier
         self.sinks = list(sinks)
+        self._event_sinks = sorted(self.sinks, key=lambda sink: not sink.enriches_events)  # a stable sort
         self.events = events
         self.options = options or LoopOptions()
         self.stats = WatchStats()
@@ -96,6 +86,7 @@ class WatchLoop:
         self._rank_k = max(self.options.top_k, events.classes_needed() if events else 1)
         self._lost_at: float | None = None  # set while reconnecting: when the source was lost
         self._last_frame_at = time.monotonic()
+        self._next_stats = 0.0  # monotonic time of the next periodic stats
 
     def stop(self) -> None:
         """Finish the current frame, then end the run (safe from signal handlers and other threads)."""
@@ -108,16 +99,13 @@ class WatchLoop:
     def run(self) -> WatchStats:
         """Process frames until the end or stop(); returns the run's statistics. Raises UsageError if a source
         that does not reconnect (a video file) cannot be opened."""
-        next_stats = time.monotonic() + self.options.stats_interval_s
+        self._next_stats = time.monotonic() + self.options.stats_interval_s
         next_due = 0.0  # perf_counter time before which no frame is taken (--fps)
         try:
             if not self._open(first=True):
                 return self.stats
             while not self._stop.is_set():
-                now = time.monotonic()
-                if now >= next_stats:
-                    self._emit_stats(final=False)
-                    next_stats = now + self.options.stats_interval_s
+                self._stats_if_due()
                 wait = next_due - time.perf_counter()
                 if wait > 0:
                     self._stop.wait(min(wait, POLL_S))
@@ -134,8 +122,8 @@ class WatchLoop:
                     if self.source.live and time.monotonic() - self._last_frame_at > self.options.stall_timeout_s:
                         self._reconnect(f"no frame for {self.options.stall_timeout_s:.0f} s")
                     continue
-                if self.options.fps and self.source.kind != "video":  # a video is subsampled by its source
-                    next_due = time.perf_counter() + 1.0 / self.options.fps
+                if self.source.max_fps:
+                    next_due = time.perf_counter() + 1.0 / self.source.max_fps
                 self._frame_arrived()
                 try:
                     self._process(frame)
@@ -146,7 +134,7 @@ class WatchLoop:
             self.source.close()
             self._emit_stats(final=True)
             for sink in self.sinks:
-                self._call(sink, "close")
+                self._call(sink, "close", sink.close)
         return self.stats
 
     # -- source lifecycle ---------------------------------------------------------------------------------------
@@ -169,7 +157,7 @@ class WatchLoop:
                 )
                 if self._lost_at is None and first:
                     self._lost_at = time.monotonic()
-                self._stop.wait(delay)
+                self._wait(delay)
                 continue
             if first:
                 log.info("watching %s", self.source.describe())
@@ -184,9 +172,20 @@ class WatchLoop:
             self._lost_at = time.monotonic()
         delay = self._backoff.next_delay()
         log.warning("%s lost: %s; reconnecting in %.1f s", self.source.describe(), reason, delay)
-        if self._stop.wait(delay):
+        if self._wait(delay):
             return
         self._open(first=False)
+
+    def _wait(self, seconds: float) -> bool:
+        """Sleep while the source is down, still giving the sinks their periodic stats; True if stopped."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self._stats_if_due()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._stop.wait(min(left, max(0.0, self._next_stats - time.monotonic()) + 0.001))
+        return True
 
     def _frame_arrived(self) -> None:
         self._last_frame_at = time.monotonic()
@@ -218,56 +217,45 @@ class WatchLoop:
             log.error("%s: frame %d failed: %s: %s", frame.source, frame.number, type(exc).__name__, exc)
             return
         classified = time.perf_counter()
-        stages = result.timing_ms
-        if frame.path is not None:
-            capture_ms, preprocess_ms = stages["decode"], stages["preprocess"]
-        else:
-            # An array needs no decoding; the classifier's "decode" is only its pass-through.
-            capture_ms = frame.capture_ms if frame.capture_ms is not None else (picked - frame.ready_at) * 1000
-            preprocess_ms = stages["decode"] + stages["preprocess"]
-        ranked = [{"index": p.index, "label": p.label, "prob": p.prob} for p in result.topk]
-        record: dict[str, Any] = {
-            "frame": frame.number,
-            "time": datetime.fromtimestamp(frame.wall_time).astimezone().isoformat(timespec="milliseconds"),
-            "source": frame.source,
-            "topk": ranked[: self.options.top_k],
-        }
-        fired: list[Event] = self.events.update(ranked, record, frame.media_time) if self.events else []
-        if fired:
-            record["events"] = [event.rule for event in fired]
+        record = Record(frame.number, frame.time_text, frame.source, result.topk[: self.options.top_k])
+        fired: list[Event] = self.events.update(result.topk, record, frame.media_time) if self.events else []
+        record.events = [event.rule for event in fired]
         done = time.perf_counter()
-        if frame.path is not None:
-            total_ms = (done - picked) * 1000
-        elif frame.capture_ms is not None:
+        if frame.path is not None:  # the classifier read the file: its decoding is the capture
+            capture_ms, total_ms = None, (done - picked) * 1000
+        elif frame.capture_ms is not None:  # a video frame: what reading it cost, then the work on it
+            capture_ms = frame.capture_ms
             total_ms = capture_ms + (done - picked) * 1000
-        else:
-            total_ms = (done - frame.ready_at) * 1000
-        timing = {
-            "capture": capture_ms,
-            "preprocess": preprocess_ms,
-            "inference": stages["inference"],
-            "postprocess": stages["postprocess"] + (done - classified) * 1000,
-            "total": total_ms,
-        }
-        record["timing_ms"] = {stage: round(ms, 3) for stage, ms in timing.items()}
-        self.stats.add(stages["inference"], total_ms)
+        else:  # a live frame: its age when taken, and when its record was ready
+            capture_ms, total_ms = (picked - frame.ready_at) * 1000, (done - frame.ready_at) * 1000
+        record.timing = Timing.from_stages(
+            result.timing_ms, capture_ms=capture_ms, extra_postprocess_ms=(done - classified) * 1000, total_ms=total_ms
+        )
+        self.stats.add(record.timing.inference, total_ms)
         for sink in self.sinks:
-            self._call(sink, "record", record, frame)
+            self._call(sink, "record", sink.record, record, frame)
         for event in fired:
-            for sink in self.sinks:
-                self._call(sink, "event", event, frame)
+            for sink in self._event_sinks:
+                self._call(sink, "event", sink.event, event, frame)
+
+    def _stats_if_due(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._emit_stats(final=False)
+            self._next_stats = now + self.options.stats_interval_s
 
     def _emit_stats(self, *, final: bool) -> None:
         snapshot = self.stats.snapshot(self.source.frames_read, self.source.frames_skipped, final=final)
         for sink in self.sinks:
-            self._call(sink, "stats", snapshot)
+            self._call(sink, "stats", sink.stats, snapshot)
 
-    def _call(self, sink: Sink, method: str, *args: Any) -> None:
+    def _call(self, sink: Sink, what: str, method: Callable[..., None], *args: object) -> None:
+        """One sink call; a failing sink is logged and skipped. StopWatching from record/event ends the run."""
         try:
-            getattr(sink, method)(*args)
+            method(*args)
         except StopWatching:
-            if method in ("stats", "close"):
+            if what in ("stats", "close"):
                 return
             raise
         except Exception as exc:  # one broken sink must not stop the others or the loop
-            log.error("sink %s: %s failed: %s: %s", sink.name, method, type(exc).__name__, exc)
+            log.error("sink %s: %s failed: %s: %s", sink.name, what, type(exc).__name__, exc)

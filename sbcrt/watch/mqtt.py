@@ -43,9 +43,9 @@ from urllib.parse import unquote, urlsplit
 
 from sbcrt import __version__
 from sbcrt.errors import UsageError
-from sbcrt.watch.events import Event
-from sbcrt.watch.sinks import Sink
-from sbcrt.watch.sources import Frame
+from sbcrt.watch.sinks import FailureLog, Sink
+from sbcrt.watch.types import Event, Frame, Record
+from sbcrt.watch.urls import redact_url
 
 log = logging.getLogger("sbcrt.watch")
 
@@ -53,7 +53,6 @@ INSTALL_HINT = 'MQTT needs paho-mqtt: pip install "sbcrt[mqtt]"'
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_QUEUE = 1000
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 30
-REMIND_S = 300.0  # a broker that stays away is logged again this often, not on every attempt
 FLUSH_S = 2.0  # at exit: how long queued messages may take to go out before "offline" and disconnect
 # Stats published before the first frame have "top": null; HA shows the sensor as unknown then.
 TOP_PERCENT = "{{ (value_json.top.prob * 100) | round(1) if value_json.top else None }}"
@@ -127,10 +126,6 @@ def parse_mqtt_url(url: str, env: dict[str, str] | None = None) -> MqttSettings:
                         password=password)  # fmt: skip
 
 
-def redact_url(url: str) -> str:
-    return re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", url)
-
-
 def load_paho() -> Any:
     try:
         import paho.mqtt.client as paho
@@ -171,8 +166,8 @@ class MqttPublisher:
         self.dropped = 0
         self.reconnects = 0
         self._down_since: float | None = time.monotonic()
-        self._reminded = 0.0
-        self._failed_attempts = 0
+        # Failed connection attempts: the first is logged, then a reminder every few minutes (sinks.REMIND_S).
+        self._attempts = FailureLog()
 
         client_id = settings.client_id or f"sbcrt-{clean_topic_level(settings.topic.replace('/', '-'))}"[:64]
         client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
@@ -242,7 +237,7 @@ class MqttPublisher:
             self._generation += 1
             self._connected = True
             self._down_since = None
-            self._failed_attempts = 0
+            self._attempts.recovered()
             self._lock.notify_all()
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -250,7 +245,7 @@ class MqttPublisher:
             was_connected = self._connected
             self._connected = False
             if was_connected and not self._closing:
-                self._down_since = self._reminded = time.monotonic()
+                self._down_since = time.monotonic()
                 log.warning("mqtt: lost the connection to %s (%s); reconnecting with backoff (%d-%d s), "
                             "queueing up to %d messages", self.settings.address, reason_code, RECONNECT_MIN_S,
                             RECONNECT_MAX_S, self.settings.queue_size)  # fmt: skip
@@ -261,16 +256,12 @@ class MqttPublisher:
 
     def _note_failure(self, detail: str) -> None:
         """The first failed attempt is logged, then a reminder every few minutes (a months-long journal)."""
-        now = time.monotonic()
         with self._lock:
-            self._failed_attempts += 1
-            first = self._failed_attempts == 1
+            when = self._attempts.failed()
             if self._down_since is None:
-                self._down_since = now
-            remind = not first and now - self._reminded >= REMIND_S
-            if first or remind:
-                self._reminded = now
+                self._down_since = time.monotonic()
             queued, dropped = len(self._queue), self.dropped
+        first, remind = when == "first", when == "reminder"
         if first:
             log.warning("mqtt: %s: %s; retrying with backoff (%d-%d s)", self.settings.address, detail,
                         RECONNECT_MIN_S, RECONNECT_MAX_S)  # fmt: skip
@@ -387,13 +378,11 @@ class MqttSink(Sink):
         labels: list[str] | None = None,
         rules: list[str] | None = None,
         model_name: str = "",
-        snapshot_path: Callable[[Frame], Path | None] | None = None,
     ) -> None:
         self.settings = settings
         self.labels = labels or []
         self.rules = rules or []
         self.model_name = model_name
-        self._snapshot_path = snapshot_path
         self._state: str | None = None
         self._candidate: tuple[str, int] | None = None  # a new top class and for how many frames it has held
         self._top: dict[str, Any] | None = None
@@ -402,20 +391,19 @@ class MqttSink(Sink):
         self.publisher = MqttPublisher(settings, announce=self._discovery_messages if settings.discovery else None)
         self.publisher.start()
 
-    def record(self, record: dict[str, Any], frame: Frame) -> None:
-        top = record["topk"][0] if record["topk"] else None
+    def record(self, record: Record, frame: Frame) -> None:
+        top = record.topk[0] if record.topk else None
         if top is not None:
-            self._top = {"label": top["label"], "prob": top["prob"], "frame": record["frame"], "time": record["time"]}
-            self._update_state(top, record)
+            self._top = {"label": top.label, "prob": top.prob, "frame": record.frame, "time": record.time}
+            self._update_state(top.label, top.prob, record)
         if self.settings.results:
             now = time.monotonic()
             if now >= self._next_result:
                 self._next_result = now + self.settings.results_interval_s
-                self.publisher.submit("result", record)
+                self.publisher.submit("result", record.to_json())
 
-    def _update_state(self, top: dict[str, Any], record: dict[str, Any]) -> None:
+    def _update_state(self, label: str, prob: float, record: Record) -> None:
         """The top class changes once a new one has been on top for `debounce` consecutive frames."""
-        label = top["label"]
         if label == self._state:
             self._candidate = None
             return
@@ -424,14 +412,15 @@ class MqttSink(Sink):
         if held < self.settings.debounce and self._state is not None:
             return
         self._state, self._candidate = label, None
-        payload = {"label": label, "prob": top["prob"], "frame": record["frame"], "time": record["time"],
-                   "source": record["source"]}  # fmt: skip
+        payload = {"label": label, "prob": prob, "frame": record.frame, "time": record.time,
+                   "source": record.source}  # fmt: skip
         self.publisher.submit("state", payload, retain=True)
 
     def event(self, event: Event, frame: Frame) -> None:
-        snapshot = self._snapshot_path(frame) if self._snapshot_path else None
-        payload = {**event.to_dict(), "event_type": event.rule, "snapshot": str(snapshot) if snapshot else None,
-                   "topk": event.record.get("topk", [])}  # fmt: skip
+        # event.snapshot: set by the frame saver (--save), which gets every event before the other sinks.
+        snapshot = str(event.snapshot) if event.snapshot else None
+        topk = event.record.topk_json() if event.record else []
+        payload = {**event.to_dict(), "event_type": event.rule, "snapshot": snapshot, "topk": topk}
         self.publisher.submit("event", payload)
 
     def stats(self, stats: dict[str, Any]) -> None:

@@ -1,20 +1,27 @@
-"""Where `sbcrt watch` results go. Every sink gets the same three calls from the loop:
+"""Where `sbcrt watch` results go: the Sink interface and the sinks that write files or log.
 
-    record(record, frame)   once per processed frame: the JSON record (see loop.py) and the frame it describes
-    event(event, frame)     once per fired rule (events.py), after the frame's record
-    stats(stats)            every --stats-interval seconds, and once with stats["final"] = True at exit
+Every sink is a subclass of `Sink` and gets the same four calls from the loop (loop.py), on the loop's thread:
+
+    record(record, frame)   once per processed frame: the Record (types.py; `record.to_json()` is the JSON line)
+                            and the Frame it describes
+    event(event, frame)     once per fired rule (events.py), after every sink got the frame's record
+    stats(stats)            every --stats-interval seconds (also while a source is down and reconnecting), and
+                            once with stats["final"] = True at exit: the dict of WatchStats.snapshot()
     close()                 at exit, after the final stats
 
-Sinks run on the loop's thread, so a sink must not block: one that talks to the network (MQTT) hands the
-data to its own thread through a bounded queue. A sink that raises is logged and skipped for that call; the
-loop goes on. A sink raises StopWatching to end the run (e.g. stdout closed by `| head`).
+The base class does nothing for each call, so a sink overrides only what it uses. A sink must not block: one
+that talks to the network (MQTT, an HTTP server) hands the data to its own thread through a bounded queue. A sink
+that raises is logged and skipped for that call; the loop goes on. A sink raises StopWatching to end the run
+(e.g. stdout closed by `| head`). A sink that adds to events (the saver puts its file on `event.snapshot`) sets
+`enriches_events = True`: the loop gives it each event before the other sinks, whatever their order.
 
-Sinks that write files survive a full disk and unwritable folders: they log the problem once, drop what they
-cannot write, retry later and log again when writing works.
+Sinks that write files survive a full disk and unwritable folders: they log the problem once (FailureLog), drop
+what they cannot write, retry later and log again when writing works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -27,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 from sbcrt.errors import UsageError
-from sbcrt.watch.events import Event
-from sbcrt.watch.sources import Frame
 from sbcrt.watch.stats import format_stats
+from sbcrt.watch.types import Event, Frame, Record
 
 log = logging.getLogger("sbcrt.watch")
 
 RETRY_S = 10.0  # how often a failing file sink tries again
-REMIND_S = 300.0  # how often a sink that keeps failing says so again
+REMIND_S = 300.0  # how often something that keeps failing says so again (sinks, the MQTT broker)
 SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
 SIZE_UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4})
 
@@ -44,11 +50,12 @@ class StopWatching(Exception):
 
 
 class Sink:
-    """A no-op sink: subclasses override what they need."""
+    """The interface every sink implements (see the module docstring); each call does nothing here."""
 
-    name = "sink"
+    name = "sink"  # for log lines about this sink
+    enriches_events = False  # True: gets each event before the other sinks (it adds to the event)
 
-    def record(self, record: dict[str, Any], frame: Frame) -> None:
+    def record(self, record: Record, frame: Frame) -> None:
         pass
 
     def event(self, event: Event, frame: Frame) -> None:
@@ -61,38 +68,68 @@ class Sink:
         pass
 
 
-class _FailureLog:
-    """Logs a sink's write failures without flooding a months-long journal: the first one, a reminder every few
-    minutes with the count, and the recovery."""
+class FailureLog:
+    """Decides when a repeated failure is worth a log line, so a months-long journal is not flooded: the first
+    failure, then a reminder every `remind_s`, then the recovery. The caller words the lines."""
+
+    def __init__(self, *, remind_s: float = REMIND_S) -> None:
+        self.remind_s = remind_s
+        self.failing_since: float | None = None
+        self.count = 0  # failures since the first one
+        self._reminded = 0.0
+
+    def failed(self) -> str | None:
+        """Count one failure: "first" or "reminder" when it should be logged now, else None."""
+        now = time.monotonic()
+        self.count += 1
+        if self.failing_since is None:
+            self.failing_since = self._reminded = now
+            return "first"
+        if now - self._reminded >= self.remind_s:
+            self._reminded = now
+            return "reminder"
+        return None
+
+    def recovered(self) -> tuple[float, int] | None:
+        """Working again: (seconds it failed, failures counted), or None if it was not failing; resets."""
+        if self.failing_since is None:
+            return None
+        result = (time.monotonic() - self.failing_since, self.count)
+        self.failing_since, self.count = None, 0
+        return result
+
+
+class _WriteFailures:
+    """A file sink's write failures, logged through FailureLog: what was dropped, and when writing works again."""
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.failing_since: float | None = None
-        self.dropped = 0
-        self._reminded = 0.0
+        self._log = FailureLog()
+
+    @property
+    def dropped(self) -> int:
+        return self._log.count
 
     def failed(self, detail: str) -> None:
-        now = time.monotonic()
-        self.dropped += 1
-        if self.failing_since is None:
-            self.failing_since = self._reminded = now
+        when = self._log.failed()
+        if when == "first":
             log.error("%s: %s; dropping until it works again (retrying every %.0f s)", self.what, detail, RETRY_S)
-        elif now - self._reminded >= REMIND_S:
-            self._reminded = now
-            log.error("%s: still failing (%s); %d dropped so far", self.what, detail, self.dropped)
+        elif when == "reminder":
+            log.error("%s: still failing (%s); %d dropped so far", self.what, detail, self._log.count)
 
     def succeeded(self) -> None:
-        if self.failing_since is not None:
-            log.warning("%s: working again after %.0f s; %d dropped", self.what, time.monotonic() - self.failing_since,
-                        self.dropped)  # fmt: skip
-            self.failing_since, self.dropped = None, 0
+        recovered = self._log.recovered()
+        if recovered is not None:
+            log.warning("%s: working again after %.0f s; %d dropped", self.what, *recovered)
 
 
 class JsonlSink(Sink):
-    """One JSON record per line, written and flushed per frame, to a file (appended) or stdout.
+    """One JSON record per line, written per frame, to a file (appended) or stdout.
 
-    The file is written with one write() per line on an O_APPEND descriptor: a reader (`tail -f`, a log shipper)
-    never sees half a line, and a line cut short by a full disk is truncated away, so the file stays valid JSONL.
+    Each line is one write() on the descriptor (O_APPEND for a file): a reader (`tail -f`, a log shipper) never
+    sees half a line, and a line cut short by a full disk is truncated away, so the output stays valid JSONL.
+    Stdout is written the same way when it is a file (`> out.jsonl` on a full disk): its failures are logged once,
+    not per frame. A closed pipe (`| head`) ends the run.
     """
 
     name = "jsonl"
@@ -102,20 +139,33 @@ class JsonlSink(Sink):
         self._retry_s = retry_s
         self._fd: int | None = None
         self._retry_at = 0.0
-        self._failures = _FailureLog(f"jsonl {path}")
+        self._failures = _WriteFailures(f"jsonl {path}" if path is not None else "jsonl stdout")
+        self._stdout_fd = None if path is not None else _stdout_fd()
 
-    def record(self, record: dict[str, Any], frame: Frame) -> None:
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        if self.path is None:
+    def record(self, record: Record, frame: Frame) -> None:
+        line = json.dumps(record.to_json(), separators=(",", ":")) + "\n"
+        if self.path is not None:
+            self._write_file(line.encode())
+        elif self._stdout_fd is not None:
+            self._write_stdout(line.encode())
+        else:  # stdout replaced by something without a descriptor (an embedding program, a test harness)
             try:
                 sys.stdout.write(line)
                 sys.stdout.flush()
             except BrokenPipeError:
                 raise StopWatching("stdout was closed") from None
-            return
-        self._write(line.encode())
 
-    def _write(self, data: bytes) -> None:
+    def _write_stdout(self, data: bytes) -> None:
+        try:
+            _write_line(self._stdout_fd, data)
+        except BrokenPipeError:
+            raise StopWatching("stdout was closed") from None
+        except OSError as exc:
+            self._failures.failed(f"cannot write: {exc.strerror or exc}")
+            return
+        self._failures.succeeded()
+
+    def _write_file(self, data: bytes) -> None:
         if self._fd is None:
             if time.monotonic() < self._retry_at:
                 self._failures.failed("not writable")
@@ -127,12 +177,9 @@ class JsonlSink(Sink):
                 self._retry_at = time.monotonic() + self._retry_s
                 self._failures.failed(f"cannot open: {exc.strerror or exc}")
                 return
-        written = 0
         try:
-            while written < len(data):
-                written += os.write(self._fd, data[written:])
+            _write_line(self._fd, data)
         except OSError as exc:
-            self._undo_partial_line(written)
             os.close(self._fd)
             self._fd = None
             self._retry_at = time.monotonic() + self._retry_s
@@ -140,19 +187,40 @@ class JsonlSink(Sink):
             return
         self._failures.succeeded()
 
-    def _undo_partial_line(self, written: int) -> None:
-        if not written:
-            return
-        try:
-            end = os.lseek(self._fd, 0, os.SEEK_END)
-            os.ftruncate(self._fd, end - written)
-        except OSError:
-            pass  # the next reader sees one broken line; nothing more can be done on a failing disk
-
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _stdout_fd() -> int | None:
+    """Stdout's descriptor, after flushing what Python buffered; None when stdout has none."""
+    try:
+        sys.stdout.flush()
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return None
+
+
+def _write_line(fd: int, data: bytes) -> None:
+    """Write all of `data`; on failure remove the part that was written (a regular file), then raise."""
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except OSError:
+        if written:
+            _undo_partial_line(fd, written)
+        raise
+
+
+def _undo_partial_line(fd: int, written: int) -> None:
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        os.ftruncate(fd, end - written)
+        os.lseek(fd, end - written, os.SEEK_SET)  # a descriptor without O_APPEND (`> file`) must not leave a hole
+    except OSError:
+        pass  # a pipe, or a failing disk: the reader sees one broken line; nothing more can be done
 
 
 class FrameSaver(Sink):
@@ -162,7 +230,10 @@ class FrameSaver(Sink):
     (nor counted)."""
 
     name = "save"
+    enriches_events = True  # puts the saved file on event.snapshot for the sinks after it (MQTT)
     SAVED_NAME = re.compile(r"^\d{8}T\d{6}\.\d{3}Z_\d+_.+\.[A-Za-z0-9]+$")
+    PARTIAL_SUFFIX = ".partial"  # `.<saved name>.partial` while a file is written; renamed when complete
+    STALE_PARTIAL_S = 60.0  # a partial file older than this was orphaned by a crash or power cut: removed
     JPEG_QUALITY = 90
 
     def __init__(self, folder: Path, *, max_files: int | None = None, max_bytes: int | None = None) -> None:
@@ -173,25 +244,45 @@ class FrameSaver(Sink):
         self._bytes = 0
         self._last_frame: tuple[str, int] | None = None
         self._last_path: Path | None = None
-        self._failures = _FailureLog(f"save {folder}")
+        self._failures = _WriteFailures(f"save {folder}")
         self._indexed = False
+        with contextlib.suppress(OSError):  # a folder not there or not writable yet: tried again at the first event
+            self._index_existing()
 
     def _index_existing(self) -> None:
-        """Files saved by earlier runs count towards the limits, so restarts cannot grow the folder forever."""
+        """Files saved by earlier runs count towards the limits, so restarts cannot grow the folder forever; their
+        orphaned partial files (a crash mid-write) are removed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         found = []
+        now = time.time()
         for entry in os.scandir(self.folder):
-            if entry.is_file() and self.SAVED_NAME.match(entry.name):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            if self.SAVED_NAME.match(entry.name):
                 found.append((entry.name, Path(entry.path), entry.stat().st_size))
+            elif self._is_own_partial(entry.name) and now - entry.stat().st_mtime > self.STALE_PARTIAL_S:
+                try:
+                    os.unlink(entry.path)
+                    log.info("save: removed %s, left half-written by an earlier run", entry.path)
+                except OSError as exc:
+                    log.warning("save: cannot remove %s: %s", entry.path, exc.strerror or exc)
         for _, path, size in sorted(found):
             self._saved.append((path, size))
             self._bytes += size
         self._indexed = True
         self._evict()
 
+    def _is_own_partial(self, name: str) -> bool:
+        return (
+            name.startswith(".")
+            and name.endswith(self.PARTIAL_SUFFIX)
+            and bool(self.SAVED_NAME.match(name[1 : -len(self.PARTIAL_SUFFIX)]))
+        )
+
     def event(self, event: Event, frame: Frame) -> None:
         key = (frame.source, frame.number)
         if key == self._last_frame:  # two rules fired on one frame: one copy is enough
+            event.snapshot = self._last_path
             return
         try:
             if not self._indexed:
@@ -201,16 +292,13 @@ class FrameSaver(Sink):
             self._failures.failed(f"cannot save frame {frame.number}: {exc.strerror or exc}")
             return
         self._last_frame, self._last_path = key, path
+        event.snapshot = path
         self._failures.succeeded()
         size = path.stat().st_size
         self._saved.append((path, size))
         self._bytes += size
         self._evict()
         log.info("event %s: %s %.2f on frame %d, saved %s", event.rule, event.label, event.prob, frame.number, path)
-
-    def saved_path(self, frame: Frame) -> Path | None:
-        """The file saved for `frame` (None if saving it failed), for sinks after this one (MQTT events)."""
-        return self._last_path if self._last_frame == (frame.source, frame.number) else None
 
     def _write(self, event: Event, frame: Frame) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(frame.wall_time))
@@ -221,14 +309,15 @@ class FrameSaver(Sink):
             data = frame.path.read_bytes()
             suffix = frame.path.suffix.lower() or ".jpg"
         else:
-            import cv2
+            from sbcrt.runtime.preprocess import require_opencv  # numpy and OpenCV: only once a frame is saved
 
+            cv2 = require_opencv("JPEG snapshots")
             ok, encoded = cv2.imencode(".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.JPEG_QUALITY])
             if not ok:
                 raise OSError(errno.EINVAL, "JPEG encoding failed")
             data, suffix = encoded.tobytes(), ".jpg"
         path = self.folder / f"{stem}{suffix}"
-        partial = self.folder / f".{stem}{suffix}.partial"
+        partial = self.folder / f".{stem}{suffix}{self.PARTIAL_SUFFIX}"
         try:
             partial.write_bytes(data)
             os.replace(partial, path)  # a power cut never leaves a half-written image under a real name
@@ -272,14 +361,15 @@ class HeartbeatSink(Sink):
         self.path = path
         self.every_s = every_s
         self.last = float("-inf")
-        self.failures = _FailureLog(f"heartbeat {path}")
+        self.failures = _WriteFailures(f"heartbeat {path}")
 
-    def record(self, record: dict[str, Any], frame: Frame) -> None:
+    def record(self, record: Record, frame: Frame) -> None:
         now = time.monotonic()
         if now - self.last < self.every_s:
             return
         self.last = now
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # e.g. a fresh tmpfs: /run/sbcrt/ after a reboot
             self.path.touch()
         except OSError as exc:
             self.failures.failed(exc.strerror or str(exc))

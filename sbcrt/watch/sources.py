@@ -6,9 +6,10 @@ Kinds, recognised in this order:
 - a camera index (`0`) or a device path (`/dev/video0`): OpenCV's V4L2 backend;
 - `rtsp://`, `rtsps://`, `rtmp://`, `http://`, `https://`: a network stream through OpenCV's FFmpeg backend, with
   open and read timeouts so a dead camera can never hang the capture;
-- a pattern with `*`, `?` or `[`: a glob watched for new images;
 - an existing folder: watched for new images;
-- an existing file: a video, read frame by frame in order.
+- an existing file: a video, read frame by frame in order;
+- a pattern with `*`, `?` or `[`: a glob watched for new images (an existing path is a path first, so a folder
+  named `cam [1]` is that folder, not a pattern matching `cam 1`).
 
 Live sources (cameras, streams) run a capture thread that keeps only the newest frame: a slow model never works
 through a backlog of old frames, and every frame replaced before the loop took it is counted as skipped.
@@ -35,10 +36,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from sbcrt.errors import UsageError
 from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
+from sbcrt.watch.types import Frame
+from sbcrt.watch.urls import redact_url
 
 log = logging.getLogger("sbcrt.watch")
 
@@ -66,27 +68,13 @@ class SourceEnded(Exception):
     """A finite source (a video file) has no more frames."""
 
 
-@dataclass
-class Frame:
-    """One frame to classify: pixels (live sources, video) or an image file (folders and globs)."""
-
-    number: int  # the source's frame counter: position in a video, capture count of a live source
-    wall_time: float  # time.time() when the frame was obtained (the record's "time")
-    ready_at: float  # time.perf_counter() when it was obtained (live sources: the start of its age)
-    media_time: float  # seconds on the source's own clock: video position, else time.monotonic()
-    source: str  # the record's "source": the source's name, or the image file for folders
-    image: Any = None  # HxWx3 uint8 BGR numpy array
-    path: Path | None = None  # an image file (decoded by the classifier, EXIF-aware)
-    capture_ms: float | None = None  # what reading this frame cost on the loop's thread (video files)
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     """The source-specific flags of `sbcrt watch`."""
 
     resolution: tuple[int, int] | None = None  # cameras: requested capture size (width, height)
     timeout_s: float = 5.0  # streams: FFmpeg open and read timeouts
-    fps: float | None = None  # video files: sample this many frames per second of video
+    fps: float | None = None  # video files: sample this many frames per second of video; others: a wall-clock cap
     stride: int | None = None  # video files: every Nth frame
     new_only: bool = False  # folders and globs: skip the images already there at start
     settle_s: float = 1.0  # folders and globs: a file is read once unchanged for this long
@@ -101,6 +89,9 @@ class FrameSource:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        # The most frames per wall-clock second the loop may take (--fps); None: as fast as they come. A video
+        # file keeps None: it applies --fps itself, on the video's clock.
+        self.max_fps: float | None = None
         self.frames_read = 0
         self.frames_skipped = 0
 
@@ -216,6 +207,7 @@ class OpenCVCapture(LatestFrameCapture):
         self.kind = kind  # "camera" or "stream"
         self._target = target
         self._options = options
+        self.max_fps = options.fps
 
     def _open_device(self) -> Any:
         cv2 = import_cv2()
@@ -261,6 +253,7 @@ class Picamera2Capture(LatestFrameCapture):
         super().__init__(name)
         self._camera_num = camera_num
         self._size = options.resolution or PICAMERA2_DEFAULT_SIZE
+        self.max_fps = options.fps
 
     def _open_device(self) -> Any:
         from picamera2 import Picamera2
@@ -385,6 +378,7 @@ class WatchedImages(FrameSource):
             self.kind = "glob"
         self._list_files = list_files
         self._folder = folder
+        self.max_fps = options.fps
         self._settle_s = options.settle_s
         self._new_only = options.new_only
         self._poll_s = min(1.0, max(0.1, options.settle_s / 2))
@@ -499,8 +493,6 @@ def parse_source(text: str, options: SourceOptions) -> FrameSource:
                 f"unsupported stream {scheme}:// (use one of {', '.join(s + '://' for s in STREAM_SCHEMES)})"
             )
         source = OpenCVCapture(redact_url(text), text, kind="stream", options=options)
-    elif glob.has_magic(text):
-        source = WatchedImages(text, lambda: glob.iglob(text, recursive=True), folder=None, options=options)
     elif os.path.isdir(text):
         folder = Path(text)
         source = WatchedImages(
@@ -516,6 +508,8 @@ def parse_source(text: str, options: SourceOptions) -> FrameSource:
             raise UsageError(f"{text}: {exc}") from None
         finally:
             source.close()
+    elif glob.has_magic(text):
+        source = WatchedImages(text, lambda: glob.iglob(text, recursive=True), folder=None, options=options)
     else:
         raise UsageError(
             f"{text}: no such file or folder (a source is a camera index, /dev/videoN, picamera2, an rtsp:// or "
@@ -535,28 +529,10 @@ def _check_options(source: FrameSource, options: SourceOptions) -> None:
         raise UsageError("--new-only applies to folders and globs")
 
 
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and records (rtsp://user:secret@cam/ -> rtsp://user:***@cam/)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-
-
 def import_cv2() -> Any:
-    try:
-        import cv2
-    except ImportError as exc:
-        raise UsageError(
-            f"OpenCV is needed for cameras, streams and videos: pip install opencv-python-headless ({exc})"
-        ) from None
-    return cv2
+    from sbcrt.runtime.preprocess import require_opencv
+
+    return require_opencv("cameras, streams and videos")
 
 
 def _is_macos() -> bool:

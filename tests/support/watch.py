@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "sbcrt" / "data" / "samples"
 
 # Colours a frame number maps to, so the probe model (output = mean of each RGB channel on [0, 1]) can tell
