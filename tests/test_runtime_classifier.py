@@ -41,9 +41,9 @@ def test_model_without_metadata_uses_its_shape_and_defaults(runtime_models: dict
     assert not clf.has_metadata
     assert clf.input_shape == (1, 3, 160, 160)
     assert clf.preprocessing == Preprocessing(resize_size=183, crop=(160, 160))  # 160 / 0.875, ImageNet mean/std
-    assert clf.labels[:2] == ["class 0", "class 1"]
+    assert clf.labels[:2] == ["class_0", "class_1"]  # the names `sbcrt export` gives unnamed classes
     assert any("no sbcrt metadata" in note for note in clf.notes)
-    assert clf.classify(SAMPLES / "chelsea.png").top1.label.startswith("class ")
+    assert clf.classify(SAMPLES / "chelsea.png").top1.label.startswith("class_")
     with pytest.raises(UsageError, match="takes 160x160 images, but the crop is 224x224"):
         Classifier(runtime_models["bare"], cache_dir=False, size=224)
 

@@ -26,7 +26,7 @@ from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import rewrite_for_inference
 from sbcrt.models.registry import Architecture, get_architecture
 from sbcrt.runtime.image_files import folder_images
-from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, read_labels_file
+from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels, read_labels_file
 
 # ONNX vs PyTorch: max |difference| of the logits must stay within this fraction of the largest |logit|.
 RELATIVE_TOLERANCE = 1e-4
@@ -240,7 +240,7 @@ def _labels(num_classes: int, labels_path: Path | None, notes: list[str]) -> lis
     notes.append(
         f"the model has {num_classes} classes and no --labels: they are named class_0 .. class_{num_classes - 1}"
     )
-    return [f"class_{i}" for i in range(num_classes)]
+    return indexed_labels(num_classes)
 
 
 def _set_metadata(model: onnx.ModelProto, config: ModelConfig) -> None:

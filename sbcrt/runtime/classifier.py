@@ -23,7 +23,7 @@ from PIL import Image
 
 from sbcrt.errors import UsageError
 from sbcrt.runtime.images import ImageError, ImageSource, frame_channels, open_image, to_rgb, upright
-from sbcrt.runtime.metadata import ModelConfig, imagenet_labels
+from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels
 from sbcrt.runtime.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
 from sbcrt.runtime.session import create_session
 
@@ -201,7 +201,7 @@ class Classifier:
             self.notes.append("no labels in the model: assuming the 1000 ImageNet classes")
             return imagenet_labels()
         self.notes.append("no labels in the model: classes are shown by index")
-        return [f"class {i}" for i in range(self.num_classes)]
+        return indexed_labels(self.num_classes)
 
     # -- classifying ---------------------------------------------------------------------------------------
 

@@ -17,7 +17,6 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from sbcrt.errors import SbcrtError, UsageError
 from sbcrt.runtime.image_files import folder_images
+from sbcrt.runtime.metadata import imagenet_classes
 
 SYNSET = re.compile(r"^n\d{8}$")
 FLAT_NAME = re.compile(r"^(n\d{8})_")
@@ -45,8 +45,7 @@ class Dataset:
 
 def imagenet_synsets() -> list[str]:
     """The 1000 ImageNet synsets in class-index order."""
-    text = resources.files("sbcrt").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
-    return [line.split(" ", 1)[0] for line in text.splitlines() if line.strip()]
+    return [synset for synset, _ in imagenet_classes()]
 
 
 def find_dataset(root: Path, labels: list[str], *, limit: int | None = None) -> Dataset:
@@ -147,22 +146,28 @@ def latency_summary(times_ms: list[float]) -> dict[str, float]:
 
 @dataclass
 class LogitComparison:
-    """How far model B's logits are from model A's on the same inputs (A is the reference)."""
+    """How far model B's logits are from model A's on the same inputs (A is the reference), per image.
+
+    Two relative errors, for two questions: `relative` (max |b - a| / max |a|, the worst single logit: fp32 parity
+    after a graph rewrite, `eval --compare`, the benchmarks) and `relative_l2` (||b - a|| / ||a||, the whole
+    vector: the int8 export's report, where every logit moves a little)."""
 
     top1_agree: list[bool] = field(default_factory=list)
     max_abs: list[float] = field(default_factory=list)  # max |b - a| per image
     relative: list[float] = field(default_factory=list)  # max |b - a| / max |a| per image
+    relative_l2: list[float] = field(default_factory=list)  # ||b - a|| / ||a|| per image
     cosine: list[float] = field(default_factory=list)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> None:
-        a64, b64 = a.astype(np.float64), b.astype(np.float64)
+        a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
         diff = float(np.abs(b64 - a64).max())
         scale = float(np.abs(a64).max())
-        norms = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+        norm_a, norm_b = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
         self.top1_agree.append(int(a64.argmax()) == int(b64.argmax()))
         self.max_abs.append(diff)
         self.relative.append(diff / scale if scale > 0 else math.inf)
-        self.cosine.append(float(a64 @ b64) / norms if norms > 0 else 0.0)
+        self.relative_l2.append(float(np.linalg.norm(b64 - a64)) / norm_a if norm_a > 0 else math.inf)
+        self.cosine.append(float(a64 @ b64) / (norm_a * norm_b) if norm_a * norm_b > 0 else 0.0)
 
     def summary(self) -> dict[str, Any]:
         if not self.top1_agree:

@@ -6,6 +6,7 @@ needs nothing but the .onnx file. Keep this module free of heavy imports: the ru
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -53,10 +54,23 @@ class ModelConfig:
         return cls(**values)
 
 
+@functools.cache
+def imagenet_classes() -> tuple[tuple[str, str], ...]:
+    """The 1000 ImageNet-1K classes in index order as (synset, short name), from sbcrt/data/imagenet_classes.txt."""
+    text = resources.files("sbcrt").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
+    rows = (line.split(" ", 1) for line in text.splitlines() if line.strip())
+    return tuple((synset, name.strip()) for synset, name in rows)
+
+
 def imagenet_labels() -> list[str]:
     """The 1000 ImageNet-1K class names in index order (short names; a few repeat, e.g. 'crane')."""
-    text = resources.files("sbcrt").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
-    return [line.split(" ", 1)[1].strip() for line in text.splitlines() if line.strip()]
+    return [name for _, name in imagenet_classes()]
+
+
+def indexed_labels(num_classes: int) -> list[str]:
+    """Names for classes nobody named: class_0, class_1, ... (no spaces: usable in `watch --when class_3>=0.5`).
+    `sbcrt export` stores them in the model; the runtime shows them for a model without labels."""
+    return [f"class_{i}" for i in range(num_classes)]
 
 
 def read_labels_file(path: str) -> list[str]:
