@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from sbcrt.errors import UsageError
+from sbcrt.runtime.evaluation import LogitComparison
 from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
 from sbcrt.runtime.images import open_image
 from sbcrt.runtime.metadata import ModelConfig
@@ -50,14 +51,14 @@ class Int8Agreement:
     photos: int
     top1_agreement: float
     cosine: float  # mean over photos of the logits' cosine similarity
-    relative_error: float  # mean over photos of |int8 - fp32| / |fp32| (L2 norms of the logits)
+    relative_l2_error: float  # mean over photos of ||int8 - fp32|| / ||fp32|| (LogitComparison.relative_l2)
 
     def render(self) -> str:
         if not self.photos:
             return "no holdout photos: every photo in --calib was used for calibration"
         return (
             f"{self.photos} holdout photos: top-1 agreement {self.top1_agreement:.3f}, "
-            f"logit cosine {self.cosine:.4f}, relative error {self.relative_error:.3f}"
+            f"logit cosine {self.cosine:.4f}, relative L2 error {self.relative_l2_error:.3f}"
         )
 
 
@@ -208,11 +209,12 @@ def measure_agreement(fp32: bytes, int8: bytes, config: ModelConfig, holdout: li
     for payload in (fp32, int8):
         session = ort.InferenceSession(payload, providers=["CPUExecutionProvider"])
         outputs.append(session.run(None, {session.get_inputs()[0].name: batch})[0])
-    a, b = outputs
-    norms = np.linalg.norm(a, axis=1)
+    comparison = LogitComparison()
+    for fp32_logits, int8_logits in zip(*outputs, strict=True):
+        comparison.add(fp32_logits, int8_logits)
     return Int8Agreement(
         photos=len(holdout),
-        top1_agreement=float(np.mean(a.argmax(1) == b.argmax(1))),
-        cosine=float(np.mean((a * b).sum(1) / (norms * np.linalg.norm(b, axis=1)))),
-        relative_error=float(np.mean(np.linalg.norm(a - b, axis=1) / norms)),
+        top1_agreement=float(np.mean(comparison.top1_agree)),
+        cosine=float(np.mean(comparison.cosine)),
+        relative_l2_error=float(np.mean(comparison.relative_l2)),
     )
