@@ -38,7 +38,11 @@ TOOLS = REPO / "tools" / "arm64"
 COUNTER_SOURCES = TOOLS / "insn_count"
 BUILD = Path(os.environ.get("ARM64_BUILD_DIR", REPO / "build" / "arm64"))
 COUNT_DIR = BUILD / "insn_count"
-SHARED_PHOTOS = Path(os.environ.get("SBCRT_SHARED", REPO.parent / "shared")) / "data" / "imagenet-samples"
+sys.path.insert(0, str(REPO))  # `python benchmarks/arm_count.py` as well as `python -m benchmarks.arm_count`
+
+from tests.support.data import export_cache_key, shared_photos  # noqa: E402
+
+SHARED_PHOTOS = shared_photos()
 
 CPUS = {"cortex-a72": "Pi 4", "cortex-a76": "Pi 5"}
 # The plugin's classes (insn_count.c), in table order, with the headers the table shows.
@@ -340,20 +344,13 @@ STANDARD_CALIB_COUNT = 32
 PLAIN_OPSET = 18  # what a plain torch.onnx.export of the authors' model gives
 
 
-def export_key() -> str:
-    """Changes whenever the exported files could (as tests/arm64/arm64_parity.py keys its exports)."""
-    sources = sorted((REPO / "export").glob("*.py")) + sorted((REPO / "models").glob("*.py"))
-    parts = [*sources, REPO / "sbcrt" / "metadata.py", REPO / "constraints.txt"]
-    return sha256_of(*parts, f"calib={STANDARD_CALIB_COUNT}".encode())[:12]
-
-
 def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
     """SBCFormer-XS/B and EfficientNet-Lite0, each as sbcrt exports it and as a plain export (the authors' graph,
     BatchNorm folded, no layout rewrites, opset 18), fp32 and int8 (static QDQ). Returns the models and the
     ratios worth reading: sbcrt vs plain, int8 vs fp32."""
     from sbcrt.export.pipeline import export_model
 
-    out_dir = REPO / "build" / "arm-count" / "models" / export_key()
+    out_dir = REPO / "build" / "arm-count" / "models" / export_cache_key(f"calib={STANDARD_CALIB_COUNT}")
     models, ratios = [], []
     for arch, random_init in STANDARD_ARCHS.items():
         variants = {

@@ -37,12 +37,8 @@ keyed by the export and model sources, so a changed exporter re-exports.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.util
-import inspect
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -54,13 +50,14 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO))  # `python benchmarks/latency.py` as well as `python -m benchmarks.latency`
 
+from benchmarks import preprocess as frame_bench  # noqa: E402
+from benchmarks.common import BUILD, export_cache_key, machine_info, shared_photos  # noqa: E402
 from sbcrt.runtime.evaluation import LogitComparison, evaluate, find_dataset, latency_summary  # noqa: E402
 
 ARCHS = ("sbcformer_xs", "sbcformer_s", "sbcformer_b", "sbcformer_l")
-SHARED_PHOTOS = REPO.parent / "shared" / "data" / "imagenet-samples"
-BUILD = REPO / "build" / "benchmarks"
+SHARED_PHOTOS = shared_photos()
 SEED = 0
 CALIB_COUNT = 100
 SGEMM_SIZE = 1024
@@ -127,31 +124,12 @@ class Config:
 # -- exports (cached) ------------------------------------------------------------------------------------------
 
 
-def export_key() -> str:
-    """Changes whenever the exporter, the models or the versions that shape the graph change."""
-    import onnx
-    import torch
-
-    digest = hashlib.blake2b(digest_size=8)
-    for folder in ("export", "models"):
-        for path in sorted((REPO / folder).glob("*.py")):
-            digest.update(path.name.encode() + path.read_bytes())
-    digest.update(f"{torch.__version__} {onnx.__version__}".encode())
-    return digest.hexdigest()
-
-
-def int8_available() -> bool:
-    from sbcrt.export.pipeline import export_model
-
-    return "int8" in inspect.signature(export_model).parameters
-
-
 def cached_export(arch: str, variant: str, *, force: bool = False) -> tuple[Path, dict[str, Any]]:
     """The (path, info) of `arch` exported as variant "plain", "fp32" or "int8" (weights: seed SEED, or the
     real ones for EfficientNet-Lite0)."""
     from sbcrt.export.pipeline import export_model
 
-    folder = BUILD / "models" / export_key()
+    folder = BUILD / "models" / export_cache_key(f"seed={SEED}", f"calib={CALIB_COUNT}")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{arch}.{variant}.onnx"
     info_path = path.with_suffix(".json")
@@ -174,7 +152,7 @@ def cached_export(arch: str, variant: str, *, force: bool = False) -> tuple[Path
 # -- configs ---------------------------------------------------------------------------------------------------
 
 
-def torch_configs(arch: str, tensor: np.ndarray, threads: int, skip: set[str]) -> tuple[list[Config], Any]:
+def torch_configs(arch: str, tensor: np.ndarray, threads: int, skip: set[str]) -> list[Config]:
     import torch
 
     from sbcrt.export.random_weights import randomize
@@ -200,7 +178,7 @@ def torch_configs(arch: str, tensor: np.ndarray, threads: int, skip: set[str]) -
         for _ in range(3):  # the profiling executor optimises the graph on the first runs
             jit()
         configs.append(Config("torch_jit", jit, lambda: jit().numpy()))
-    return configs, model
+    return configs
 
 
 def ort_plain_config(path: Path, tensor: np.ndarray, threads: int) -> Config:
@@ -250,7 +228,6 @@ def camera_frame_config(classifier: Any, photos: list[Path]) -> Config:
     """1080p camera-like frames (benchmarks/preprocess.py's `camera_like`) through the fast frame path."""
     import cv2
 
-    frame_bench = load_frame_benchmark()
     noise = np.random.default_rng(0).normal(0, 4, (1080, 1920, 3)).round().astype(np.int16)
     frames = [frame_bench.camera_like(cv2.imread(str(p), cv2.IMREAD_COLOR), (1920, 1080), noise) for p in photos]
     turn = iter(range(1 << 62))
@@ -259,13 +236,6 @@ def camera_frame_config(classifier: Any, photos: list[Path]) -> Config:
         return classifier.preprocess(frames[next(turn) % len(frames)], bgr=True, fast=True)
 
     return Config("camera_frame", infer)
-
-
-def load_frame_benchmark():
-    spec = importlib.util.spec_from_file_location("frame_benchmark", REPO / "benchmarks" / "preprocess.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class SgemmWorker:
@@ -319,7 +289,7 @@ def measure(arch: str, threads: int, args: argparse.Namespace, sgemm: SgemmWorke
     photo = sorted(SHARED_PHOTOS.glob("*.JPEG"))[0]
     tensor = Classifier(fp32_path, threads=1, cache_dir=False, warmup=False).preprocess(photo)
 
-    configs, _ = torch_configs(arch, tensor, threads, skip)
+    configs = torch_configs(arch, tensor, threads, skip)
     if "ort_plain" not in skip:
         configs.append(ort_plain_config(plain_path, tensor, threads))
     if "openvino" not in skip:
@@ -332,8 +302,6 @@ def measure(arch: str, threads: int, args: argparse.Namespace, sgemm: SgemmWorke
     int8_path = None
     if "sbcrt_int8" in skip:
         skipped["sbcrt_int8"] = "--skip"
-    elif not int8_available():
-        skipped["sbcrt_int8"] = "export_model has no int8 option yet"
     else:
         int8_path, _ = cached_export(arch, "int8")
         configs.append(sbcrt_config("sbcrt_int8", int8_path, tensor, threads)[0])
@@ -414,8 +382,6 @@ def accuracy(archs: list[str], threads: int, sbcformer_photos: int) -> dict[str,
     from sbcrt.runtime.classifier import Classifier
 
     out: dict[str, Any] = {}
-    if not int8_available():
-        return {"skipped": "export_model has no int8 option yet"}
     for arch in ["efficientnet_lite0", *archs]:
         print(f"accuracy: {arch} int8 vs fp32", flush=True)
         fp32 = Classifier(cached_export(arch, "fp32")[0], threads=threads, cache_dir=BUILD / "graph-cache")
@@ -439,7 +405,6 @@ def camera_agreement(photos: list[Path], models: dict[str, Path]) -> dict[str, A
 
     from sbcrt.runtime.classifier import Classifier
 
-    frame_bench = load_frame_benchmark()
     noise = np.random.default_rng(0).normal(0, 4, (1080, 1920, 3)).round().astype(np.int16)
     out = {}
     for name, path in models.items():
@@ -456,31 +421,6 @@ def camera_agreement(photos: list[Path], models: dict[str, Path]) -> dict[str, A
 
 
 # -- output ----------------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    import onnxruntime as ort
-    import torch
-
-    from sbcrt.runtime.session import cpu_info, physical_cores
-
-    cpu = cpu_info()
-    info = {
-        "cpu": cpu.model,
-        "machine": platform.machine(),
-        "physical_cores": physical_cores(),
-        "features": cpu.notable_features,
-        "onnxruntime": ort.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-    try:
-        import openvino
-
-        info["openvino"] = openvino.__version__
-    except ImportError:
-        info["openvino"] = None
-    return info
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
@@ -620,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sgemm.close()
     for run in runs:
-        run["machine"] = machine()
+        run["machine"] = machine_info()
         run["sgemm_blas"] = sgemm.blas
     print_table(runs)
     print("\n" + markdown_table(runs))
@@ -631,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
         for run in runs:
             path = args.json.with_name(f"{args.json.stem}.{run['arch']}.t{run['threads']}.json")
             path.write_text(json.dumps(run, indent=2))
-        combined: dict[str, Any] = {"machine": machine(), "sgemm_blas": sgemm.blas, "runs": runs}
+        combined: dict[str, Any] = {"machine": machine_info(), "sgemm_blas": sgemm.blas, "runs": runs}
         combined["command"] = "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:])
         if "accuracy" not in args.skip:
             combined["int8_accuracy"] = accuracy(args.archs, max(args.thread_counts), args.accuracy_photos)

@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,10 +32,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from sbcrt.runtime import preprocess
-from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python benchmarks/preprocess.py` as well as `python -m benchmarks.preprocess`
+
+from benchmarks.common import shared_photos  # noqa: E402
+from sbcrt.runtime import preprocess  # noqa: E402
+from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image  # noqa: E402
+
 FRAME_SIZES = [(1920, 1080), (3840, 2160)]
 XS_FRAMES = 100  # each takes ~20 ms: a median over many rides out a busy machine's slow spells
 
@@ -100,7 +104,7 @@ def limited_threads(threads: int) -> contextlib.AbstractContextManager:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="an sbcrt .onnx model, for top-1 agreement")
-    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "imagenet-samples")
+    parser.add_argument("--photos", type=Path, default=shared_photos())
     parser.add_argument("--limit", type=int, default=0, help="use only the first N photos (0 = all)")
     parser.add_argument("--timing-frames", type=int, default=30, help="frames to time each path on")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "benchmarks" / "preprocess.json")

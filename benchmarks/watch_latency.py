@@ -31,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import machine_info, shared_photos  # noqa: E402
 from sbcrt.runtime.classifier import Classifier  # noqa: E402
 from sbcrt.watch.loop import LoopOptions, WatchLoop  # noqa: E402
 from sbcrt.watch.sinks import JsonlSink, Sink, StopWatching  # noqa: E402
@@ -84,7 +85,7 @@ def export_lite0(folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="the .onnx model (default: export EfficientNet-Lite0)")
-    parser.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "imagenet-samples")
+    parser.add_argument("--photos", type=Path, default=shared_photos())
     parser.add_argument("--frames", type=int, default=60, help="frames per latency run")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--down", type=float, default=2.0, help="seconds the camera is off in a reconnect trial")
@@ -103,7 +104,7 @@ def main() -> None:
         "architecture": classifier.config.architecture,
         "threads": classifier.session_info.threads,
         "frame_size": list(SIZE_1080P),
-        "cpu": _cpu_name(),
+        "cpu": machine_info()["cpu"],
     }
 
     # 1. Video file, 1080p MJPG.
@@ -270,12 +271,6 @@ def print_table(report: dict) -> None:
         f"soak: {s['frames']} frames 640x480 in {s['seconds']} s, RSS {s['rss_after_warmup_mb']} MB after "
         f"{s['warmup_frames']} -> {s['rss_end_mb']} MB: growth {s['growth_mb']} MB"
     )
-
-
-def _cpu_name() -> str:
-    from sbcrt.runtime.session import cpu_info
-
-    return cpu_info().model
 
 
 if __name__ == "__main__":
