@@ -12,7 +12,6 @@ quantised int8 probe shows which int8 GEMM kernel onnxruntime picks on each CPU.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.support.data import export_cache_key, shared_photos
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "arm64"
@@ -41,23 +42,18 @@ FRAME_PIXEL_STEP_TOLERANCE = 1
 FRAME_LOGIT_TOLERANCE = 2e-2
 
 
-def export_key() -> str:
-    """Changes whenever the exported files could: the export and model code, the metadata format, the pins."""
-    digest = hashlib.sha256()
-    sources = sorted((REPO / "export").glob("*.py")) + sorted((REPO / "models").glob("*.py"))
-    for path in [*sources, REPO / "sbcrt" / "metadata.py", REPO / "constraints.txt"]:
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:12]
+def export_int8(out_dir: Path) -> Path:
+    """EfficientNet-Lite0 (real weights) as `sbcrt export --int8` writes it, calibrated on a few shared photos
+    (the scales, not the graph, depend on how many): the int8 kernels get the same parity checks as fp32."""
+    from sbcrt.export.pipeline import export_model
+
+    path = out_dir / "efficientnet_lite0.int8.onnx"
+    if not path.is_file():
+        export_model("efficientnet_lite0", path, int8=True, calib_dir=shared_photos(), calib_count=INT8_CALIB_COUNT)
+    return path
 
 
-def export_int8(out_dir: Path) -> Path | None:
-    """HOOK for the quantisation issue: return an int8 EfficientNet-Lite0 .onnx written by the real export
-    stage (e.g. `export_model("efficientnet_lite0", out, precision="int8")`). While it returns None, the int8
-    model tests are skipped and only the int8 probe runs. Once it returns a model, the same parity and kernel
-    checks run on it (with INT8_LOGIT_TOLERANCE) as on the fp32 models."""
-    return None
-
-
+INT8_CALIB_COUNT = 16
 # int8 kernels differ in rounding between x86 and arm64 (requantisation), so the bound is looser than fp32's.
 INT8_LOGIT_TOLERANCE = 5e-2
 
@@ -89,16 +85,14 @@ def test_pins_match_constraints_and_the_x86_venv() -> None:
 def exported_models() -> dict[str, Path]:
     from sbcrt.export.pipeline import export_model
 
-    out_dir = BUILD / "models" / export_key()
+    out_dir = BUILD / "models" / export_cache_key(f"int8-calib={INT8_CALIB_COUNT}")
     models = {}
     for arch, options in MODELS.items():
         path = out_dir / f"{arch}.onnx"
         if not path.is_file():
             export_model(arch, path, **options)
         models[arch] = path
-    int8 = export_int8(out_dir)
-    if int8 is not None:
-        models["efficientnet_lite0_int8"] = int8
+    models["efficientnet_lite0_int8"] = export_int8(out_dir)
     return models
 
 
@@ -219,8 +213,7 @@ def test_cpu_features_as_the_pi_reports_them(arm64_results: Path, report: dict) 
 
 @pytest.fixture(scope="session")
 def int8_probe() -> dict[str, Path]:
-    sys.path.insert(0, str(HERE))
-    import int8_probe as probe
+    from tests.arm64 import int8_probe as probe
 
     path = BUILD / "models" / "int8_probe.onnx"
     if not path.is_file():
@@ -261,11 +254,6 @@ def test_int8_kernel_follows_the_dot_product_extension(cpu: str, int8_probe: dic
         assert dot > 0, counts
     # Integer accumulation is exact: both kernels must give x86's numbers up to float rounding of the scales.
     np.testing.assert_allclose(np.load(out), np.load(int8_probe["reference"]), rtol=1e-5, atol=1e-4)
-
-
-def test_int8_model_hook(exported_models: dict[str, Path]) -> None:
-    if "efficientnet_lite0_int8" not in exported_models:
-        pytest.skip("no int8 export yet: fill in export_int8() in tests/arm64/arm64_parity.py when it lands")
 
 
 def write_report(data: dict) -> None:

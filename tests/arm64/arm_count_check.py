@@ -7,70 +7,62 @@ exists, as `pytest tests/arm64/arm_count_check.py`. ~30-60 s: two emulations of 
 
 from __future__ import annotations
 
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import arm_count  # noqa: E402
+from benchmarks import arm_count
 
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "sbcrt" / "data" / "samples"  # the repo's own CC0 photos: calibration needs no shared data
 CPU = "cortex-a76"  # Pi 5: has the dot product, so the int8 kernels exercise that class too
-INPUT_SHAPE = (1, 8, 16, 16)
+SIZE = 16
 
 
 def build_tiny_int8_model(out: Path) -> None:
-    """Conv -> Relu -> Conv -> global pool -> MatMul, statically quantised (QDQ) like sbcrt's int8 exports:
-    onnxruntime runs it with its int8 GEMM kernels (dot product on a Cortex-A76)."""
+    """Conv (stem) -> Relu -> Conv -> Relu -> Conv -> global pool -> MatMul (classifier), quantised by the export
+    stage's own quantize_int8 (the stem and the classifier stay fp32, as in sbcrt's int8 exports), calibrated on
+    the repo's sample photos: onnxruntime runs the middle convs with its int8 GEMM kernels (dot product on a
+    Cortex-A76)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from sbcrt.export.quantize import quantize_int8
+    from sbcrt.runtime.metadata import ModelConfig
 
     rng = np.random.default_rng(0)
     weights = {
-        "w1": rng.standard_normal((32, 8, 3, 3)).astype(np.float32),
-        "w2": rng.standard_normal((32, 32, 3, 3)).astype(np.float32),
+        "w1": rng.standard_normal((32, 3, 3, 3)).astype(np.float32),
+        "w2": (rng.standard_normal((32, 32, 3, 3)) / 10).astype(np.float32),
+        "w3": (rng.standard_normal((32, 32, 3, 3)) / 10).astype(np.float32),
         "fc": rng.standard_normal((32, 16)).astype(np.float32),
     }
     graph = helper.make_graph(
         [
-            helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["image", "w1"], ["c1"], pads=[1, 1, 1, 1], name="stem"),
             helper.make_node("Relu", ["c1"], ["r1"]),
-            helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-            helper.make_node("GlobalAveragePool", ["c2"], ["pooled"]),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+            helper.make_node("Relu", ["c2"], ["r2"]),
+            helper.make_node("Conv", ["r2", "w3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"),
+            helper.make_node("GlobalAveragePool", ["c3"], ["pooled"]),
             helper.make_node("Flatten", ["pooled"], ["flat"]),
-            helper.make_node("MatMul", ["flat", "fc"], ["y"]),
+            helper.make_node("MatMul", ["flat", "fc"], ["scores"], name="classifier"),
         ],
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, INPUT_SHAPE)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, SIZE, SIZE])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, 16])],
         [numpy_helper.from_array(value, name) for name, value in weights.items()],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
-
-    class RandomBatches(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{"x": rng.standard_normal(INPUT_SHAPE).astype(np.float32)} for _ in range(4)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = Path(tmp) / "tiny_fp32.onnx"
-        onnx.save(model, fp32)
-        quantize_static(
-            fp32,
-            out,
-            RandomBatches(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+    config = ModelConfig(architecture="tiny", num_classes=16, input_size=[3, SIZE, SIZE], crop_size=SIZE,
+                         resize_size=SIZE)  # fmt: skip
+    photos = sorted(SAMPLES.glob("*.png"))
+    assert photos, SAMPLES
+    quantized = quantize_int8(model, config, photos)
+    assert sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node) > 0
+    onnx.save(quantized, out)
 
 
 @pytest.fixture(scope="module")
