@@ -41,7 +41,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/latency.py` as well as `python -m benchmarks.latency`
 
 from benchmarks import preprocess as frame_bench  # noqa: E402
-from benchmarks.common import BUILD, export_cache_key, machine_info, shared_photos  # noqa: E402
+from benchmarks.common import BUILD, SelfTimed, export_cache_key, machine_info, shared_photos, take_turns  # noqa: E402
 from sbcrt.runtime.evaluation import LogitComparison, evaluate, find_dataset, latency_summary  # noqa: E402
 
 ARCHS = ("sbcformer_xs", "sbcformer_s", "sbcformer_b", "sbcformer_l")
@@ -264,18 +263,9 @@ class SgemmWorker:
 
 
 def run_interleaved(configs: list[Config], rounds: int, block: int) -> None:
-    for _ in range(rounds):
-        for config in configs:
-            time.sleep(SETTLE_S)
-            if config.timer is not None:
-                config.timer(1)
-                config.times_ms += config.timer(block)
-                continue
-            config.infer()
-            for _ in range(block):
-                start = time.perf_counter()
-                config.infer()
-                config.times_ms.append((time.perf_counter() - start) * 1000)
+    runs = {c.name: SelfTimed(c.timer) if c.timer else (lambda _turn, c=c: c.infer()) for c in configs}
+    for name, ms in take_turns(runs, rounds, block=block, untimed=1, settle_s=SETTLE_S).items():
+        next(c for c in configs if c.name == name).times_ms.extend(ms)
 
 
 def measure(arch: str, threads: int, args: argparse.Namespace, sgemm: SgemmWorker) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `python benchmarks/preprocess.py` as well as `python -m benchmarks.preprocess`
 
-from benchmarks.common import shared_photos  # noqa: E402
+from benchmarks.common import shared_photos, take_turns  # noqa: E402
 from sbcrt.runtime import preprocess  # noqa: E402
 from sbcrt.runtime.preprocess import Preprocessing, preprocess_frame, preprocess_image  # noqa: E402
 
@@ -199,17 +199,9 @@ def run_benchmark(args: argparse.Namespace) -> None:
 
 
 def interleaved_median_ms(fns: dict, items: list, clock=time.perf_counter) -> dict[str, float]:
-    """Median ms of each function over `items`, the functions taking turns on each item, so a busy machine's
-    slow spells hit them all alike. `clock` may be time.thread_time, for CPU time where all work stays on the
-    calling thread."""
-    for fn in fns.values():
-        fn(items[0])  # warm-up (lazy imports, allocator, cached resampling plans)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for item in items:
-        for name, fn in fns.items():
-            start = clock()
-            fn(item)
-            times[name].append((clock() - start) * 1000)
+    """Median ms of each function over `items`, the functions taking turns on each item (common.take_turns)."""
+    runs = {name: (lambda turn, fn=fn: fn(items[turn])) for name, fn in fns.items()}
+    times = take_turns(runs, len(items), warmup=1, clock=clock)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
