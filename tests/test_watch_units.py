@@ -3,6 +3,7 @@ limits, the JSONL writer on a full disk, and how a source argument is recognised
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -275,3 +276,41 @@ def test_picamera2_missing_says_how_to_install_it() -> None:
 def test_redact_url() -> None:
     assert redact_url("rtsp://user:pw@10.0.0.5/s") == "rtsp://user:***@10.0.0.5/s"
     assert redact_url("rtsp://10.0.0.5/s") == "rtsp://10.0.0.5/s"
+
+
+# -- the record and the sink interface ----------------------------------------------------------------------
+
+
+def test_record_json_is_the_documented_line() -> None:
+    from sbcrt.runtime.classifier import Prediction
+    from sbcrt.watch.types import Timing
+
+    record = Record(7, "2025-05-01T06:12:03.481+02:00", "cam", [Prediction(3, "fox", 0.8125)], ["fox>=0.6"])
+    record.timing = Timing(1.23456, 2.0, 3.0004, 0.1, 6.3349)
+    assert json.dumps(record.to_json(), separators=(",", ":")) == (
+        '{"frame":7,"time":"2025-05-01T06:12:03.481+02:00","source":"cam",'
+        '"topk":[{"index":3,"label":"fox","prob":0.8125}],"events":["fox>=0.6"],'
+        '"timing_ms":{"capture":1.235,"preprocess":2.0,"inference":3.0,"postprocess":0.1,"total":6.335}}'
+    )
+    record.events = []
+    assert "events" not in record.to_json()  # only on frames where rules fired
+
+
+def test_the_saver_puts_its_file_on_the_event_whatever_the_sink_order(probe: Classifier, tmp_path: Path) -> None:
+    from sbcrt.watch.loop import LoopOptions, WatchLoop
+    from sbcrt.watch.sinks import Sink
+
+    video = tmp_path / "red.avi"
+    assert write_video(video, [np.full((48, 64, 3), (20, 20, 230), np.uint8)] * 6, fourcc="MJPG")
+    seen: list[Path | None] = []
+
+    class Listener(Sink):  # listed before the saver, as a user's own sink might be
+        def event(self, event, frame) -> None:
+            seen.append(event.snapshot)
+
+    saver = FrameSaver(tmp_path / "alerts")
+    rules = EventRules([parse_rule("red>=0.5")], debounce=1, cooldown_s=0.0)
+    source = parse_source(str(video), SourceOptions())
+    WatchLoop(source, probe, [Listener(), saver], events=rules, options=LoopOptions()).run()
+    assert len(seen) == 6 and all(path is not None and path.parent == tmp_path / "alerts" for path in seen)
+    assert all(path.is_file() for path in seen)
