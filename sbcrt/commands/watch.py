@@ -191,14 +191,20 @@ def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    restore_native_logs = quiet_native_logs() if args.quiet else lambda: None  # before OpenCV is imported
+    try:
+        return _run(args)
+    finally:
+        restore_native_logs()
+
+
+def _run(args: argparse.Namespace) -> int:
     from sbcrt.commands.classify import load_classifier, resolve_model
     from sbcrt.watch.events import EventRules, parse_rule
     from sbcrt.watch.loop import LoopOptions, WatchLoop
     from sbcrt.watch.sinks import FrameSaver, HeartbeatSink, JsonlSink, StatsLogSink, parse_save_limits
     from sbcrt.watch.sources import SourceOptions, parse_source
 
-    if args.quiet:
-        quiet_native_logs()  # before anything imports OpenCV (parse_source opens a video file)
     # Everything a user can get wrong is checked before the model loads.
     model = resolve_model(args, required=True)
     if args.fps and args.stride:
@@ -281,16 +287,27 @@ OPENCV_LOG_ERROR = 2  # cv2.utils.logging.LOG_LEVEL_ERROR
 AV_LOG_FATAL = 8  # FFmpeg's av_log level: only messages about to abort
 
 
-def quiet_native_logs() -> None:
+def quiet_native_logs() -> Callable[[], None]:
     """-q for the C++ libraries too: OpenCV's own warnings ("[ WARN:0@1.2] ... can't open camera by index") and
     FFmpeg's messages ("[tcp @ 0x..] Connection refused", "[mjpeg @ 0x..] error y=0") bypass Python's logging;
-    the loop already reports the same failures in its own lines. Both variables are read when OpenCV starts;
-    one a user set wins."""
+    the loop already reports the same failures in its own lines. Both variables are read when OpenCV starts and
+    opens a capture; one a user set wins. Returns a function that puts the environment back (in-process callers)."""
+    added = [name for name in ("OPENCV_LOG_LEVEL", "OPENCV_FFMPEG_LOGLEVEL") if name not in os.environ]
     os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", str(AV_LOG_FATAL))
-    cv2 = sys.modules.get("cv2")  # already imported (sbcrt used as a library, or tests): set it directly
-    if cv2 is not None and hasattr(cv2, "setLogLevel") and os.environ["OPENCV_LOG_LEVEL"] == "ERROR":
-        cv2.setLogLevel(OPENCV_LOG_ERROR)
+    # Already imported (sbcrt used as a library, or tests): OpenCV has read its variable; set the level directly.
+    logging_api = getattr(getattr(sys.modules.get("cv2"), "utils", None), "logging", None)
+    previous = None
+    if logging_api is not None and os.environ["OPENCV_LOG_LEVEL"] == "ERROR":
+        previous = logging_api.setLogLevel(OPENCV_LOG_ERROR)  # returns the level it replaces
+
+    def restore() -> None:
+        for name in added:
+            os.environ.pop(name, None)
+        if previous is not None:
+            logging_api.setLogLevel(previous)
+
+    return restore
 
 
 def configure_logging(*, quiet: bool) -> Callable[[], None]:
