@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sbcrt.commands.classify import add_model_arguments, load_classifier, positive_int, resolve_model
+from sbcrt.commands.arguments import add_model_arguments, load_classifier, positive_int, resolve_model
 from sbcrt.errors import UsageError
 
 PER_CLASS_SHOWN = 10  # the human summary lists the worst classes; --json has them all
