@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from sbcrt.commands.arguments import (
     add_model_arguments,
@@ -25,6 +25,11 @@ from sbcrt.commands.arguments import (
     resolve_model,
 )
 from sbcrt.errors import UsageError
+
+if TYPE_CHECKING:  # the watch modules load only when watch runs: `sbcrt --help` stays light
+    from sbcrt.watch.events import EventRules, Rule
+    from sbcrt.watch.mqtt import MqttSettings
+    from sbcrt.watch.sources import FrameSource
 
 DEFAULT_SAVE_MAX = "1000,1GB"
 DEFAULT_MQTT_QUEUE = 1000  # sbcrt.watch.mqtt.DEFAULT_QUEUE (not imported here: `sbcrt --help` stays light)
@@ -195,12 +200,12 @@ class WatchPlan:
     """What a watch command line asks for, checked, before any model loads."""
 
     model: Path
-    rules: list[Any]  # sbcrt.watch.events.Rule
-    events: Any  # sbcrt.watch.events.EventRules | None
+    rules: list[Rule]
+    events: EventRules | None
     max_files: int | None
     max_bytes: int | None
-    mqtt_settings: Any  # sbcrt.watch.mqtt.MqttSettings | None
-    source: Any  # sbcrt.watch.sources.FrameSource (not opened)
+    mqtt_settings: MqttSettings | None
+    source: FrameSource  # not opened
 
 
 def plan(args: argparse.Namespace) -> WatchPlan:
@@ -240,7 +245,7 @@ def plan(args: argparse.Namespace) -> WatchPlan:
     return WatchPlan(model, rules, events, max_files, max_bytes, mqtt_settings, source)
 
 
-def mqtt_settings_from(args: argparse.Namespace) -> Any:
+def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:
     """--mqtt* -> checked MqttSettings (also checks that paho-mqtt is installed)."""
     import dataclasses
 
