@@ -256,3 +256,37 @@ def test_eval_interrupted_prints_the_summary_of_what_it_evaluated(
     assert 3 <= evaluated < total and "INTERRUPTED" in first, out
     assert "top-1" in out and f"({evaluated} " not in first  # the figures are of the images done so far
     assert f"/{evaluated})" in out, out
+
+
+# -- export on a runtime-only install (issue #13 item 1) ----------------------------------------------------------
+
+
+def runtime_only_site(folder: Path, *, drop: tuple[str, ...]) -> Path:
+    """This venv's packages minus `drop` (by top-level name): what a Pi's runtime-only install holds."""
+    site = next(Path(p) for p in sys.path if p.endswith("site-packages") and (Path(p) / "numpy").is_dir())
+    folder.mkdir()
+    for entry in site.iterdir():
+        if entry.name.split("-")[0].split(".")[0].lower() not in drop and not entry.name.endswith(".pth"):
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def test_export_without_torch_says_what_to_install_and_other_import_errors_show_as_themselves(
+    tmp_path: Path,
+) -> None:
+    site = runtime_only_site(tmp_path / "site", drop=("torch", "torchgen", "functorch"))
+    command = [sys.executable, "-S", "-m", "sbcrt", "export", "sbcformer_xs", "--random-init", "-o",
+               str(tmp_path / "m.onnx")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and 'pip install "sbcrt[export]"' in done.stderr, done.stderr
+    assert "(torch is missing)" in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    # A broken dependency (here onnx importing a module that does not exist) is not "install the extra":
+    # its own traceback names it.
+    broken = tmp_path / "broken"
+    (broken / "onnx").mkdir(parents=True)
+    (broken / "onnx" / "__init__.py").write_text("import sbcrt_no_such_module\n")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(broken), str(site)])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1 and "No module named 'sbcrt_no_such_module'" in done.stderr, done.stderr
+    assert "sbcrt[export]" not in done.stderr
