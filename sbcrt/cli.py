@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import importlib
 import sys
 
@@ -24,7 +26,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unencodable(error: UnicodeError) -> tuple[str, int]:
+    """File names that are not valid in the locale's encoding (a Latin-1 name under en_GB.UTF-8) reach Python as
+    surrogates: write their original bytes back (surrogateescape, as `ls` shows them); anything else the encoding
+    cannot hold becomes a backslash escape. Printing a name must never end the run."""
+    if isinstance(error, UnicodeEncodeError):
+        try:
+            return codecs.lookup_error("surrogateescape")(error)
+        except UnicodeError:
+            return codecs.backslashreplace_errors(error)
+    raise error
+
+
+codecs.register_error("sbcrt.names", _unencodable)
+
+
+def safe_output() -> None:
+    """stdout and stderr print any file name (see _unencodable) instead of raising UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None and getattr(stream, "errors", None) in ("strict", "backslashreplace"):
+            with contextlib.suppress(AttributeError, ValueError):  # not a TextIOWrapper (a test's capture)
+                stream.reconfigure(errors="sbcrt.names")
+
+
 def main(argv: list[str] | None = None) -> int:
+    safe_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

@@ -5,11 +5,14 @@ The unit (`/etc/systemd/system/sbcrt-<name>.service`) runs the command as a dedi
 missing, in the `video` group for cameras) with `Restart=always`, never giving up, and a read-only view of the
 system except its own state and cache folders and the folders the command writes (--jsonl, --save,
 --heartbeat). Secrets (the MQTT password) go in the optional `/etc/sbcrt/<name>.env`, not on the command line.
+
+This module is the library side: a typed ServiceSpec in, the unit file, systemctl and the sysusers.d entry out;
+it never parses a command line and never prints. `sbcrt/commands/service.py` parses and checks the watch command
+line (with watch's own parser) and says what was done.
 """
 
 from __future__ import annotations
 
-import argparse
 import grp
 import os
 import pwd
@@ -25,23 +28,26 @@ from sbcrt.errors import SbcrtError, UsageError
 
 UNIT_DIR = Path("/etc/systemd/system")
 UNIT_DIR_ENV = "SBCRT_SYSTEMD_UNIT_DIR"  # another folder for the unit file (image builds, tests); systemctl still runs
+# Where an image's first boot creates the service user from (systemd-sysusers runs early at every boot).
+SYSUSERS_DIR = Path("/usr/lib/sysusers.d")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 DEFAULT_USER = "sbcrt"
-# Options of `watch` whose value is a path: made absolute (the service runs in its state folder).
-PATH_OPTIONS = ("-m", "--model", "--labels", "--jsonl", "--save", "--heartbeat", "--mqtt-ca")
-WRITTEN_FILES = ("jsonl", "heartbeat")  # the folder holding these must be writable
-WRITTEN_DIRS = ("save",)
+HOME = "/var/lib/sbcrt"  # the service user's home: its state folders live here
+# PrivateTmp=yes gives the service its own empty /tmp and /var/tmp: nothing there is visible to it.
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
 SYSTEMCTL_TIMEOUT_S = 60
 
 
 @dataclass
 class ServiceSpec:
     name: str
-    command: list[str]  # the sbcrt arguments: ["watch", "0", "--model", ...]
+    command: list[str]  # the sbcrt arguments, paths absolute: ["watch", "0", "--model", "/opt/m.onnx", ...]
     user: str = DEFAULT_USER
     executable: list[str] = field(default_factory=list)  # how to run sbcrt: [/path/to/sbcrt] or [python, -m, sbcrt]
-    writable: list[Path] = field(default_factory=list)
+    writable: list[Path] = field(default_factory=list)  # folders the command writes into
     video_group: bool = True
+    reads: list[Path] = field(default_factory=list)  # files and folders the command reads (model, labels, ...)
 
     @property
     def unit_name(self) -> str:
@@ -54,8 +60,30 @@ class ServiceSpec:
 
 def check_name(name: str) -> str:
     if not NAME.match(name):
-        raise UsageError(f"--name {name!r}: letters, digits, '.', '_' and '-' only (up to 64), e.g. pen3")
+        raise UsageError(f"service name {name!r}: letters, digits, '.', '_' and '-' only (up to 64), e.g. pen3")
     return name
+
+
+def check_user(user: str) -> str:
+    if not USER.fullmatch(user):
+        raise UsageError(f"user {user!r}: not a valid system user name")
+    return user
+
+
+def has_video_group() -> bool:
+    try:
+        grp.getgrnam("video")
+    except KeyError:
+        return False
+    return True
+
+
+def hidden_by_private_tmp(spec: ServiceSpec) -> list[Path]:
+    """The paths the service needs (its sbcrt, what it reads, where it writes) that PrivateTmp=yes hides from
+    it: the service would fail at every start, or write where nobody looks and lose it at every stop."""
+    needed = [Path(spec.executable[0])] if spec.executable else []
+    needed += [*spec.reads, *spec.writable]
+    return [p for p in dict.fromkeys(needed) if any(p == tmp or tmp in p.parents for tmp in PRIVATE_TMP)]
 
 
 def sbcrt_executable() -> list[str]:
@@ -77,52 +105,6 @@ def systemd_quote(word: str, *, command: bool = True) -> str:
         return escaped
     escaped = escaped.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
     return f'"{escaped}"'
-
-
-def prepare(name: str, command: list[str], *, user: str = DEFAULT_USER, cwd: Path | None = None) -> ServiceSpec:
-    """Checks the watch command line with watch's own parser (a typo fails now, not at boot) and makes its
-    paths absolute."""
-    check_name(name)
-    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", user):
-        raise UsageError(f"--user {user!r}: not a valid system user name")
-    if command[:1] == ["--"]:
-        command = command[1:]
-    if not command or command[0] != "watch":
-        raise UsageError("give the watch command line after --: sbcrt service install --name pen3 -- watch 0 ...")
-    from sbcrt.cli import build_parser
-
-    try:
-        args = build_parser().parse_args(command)
-    except SystemExit:  # argparse has printed what is wrong
-        raise UsageError("the watch command line above is not valid") from None
-    if not args.model and not os.environ.get("SBCRT_MODEL"):
-        raise UsageError("the watch command needs --model (the service does not see your $SBCRT_MODEL)")
-    cwd = cwd or Path.cwd()
-    command = absolute_paths(command, args.source, cwd)
-    args = build_parser().parse_args(command)
-    writable = [Path(getattr(args, option)).parent for option in WRITTEN_FILES if getattr(args, option)]
-    writable += [Path(getattr(args, option)) for option in WRITTEN_DIRS if getattr(args, option)]
-    try:
-        grp.getgrnam("video")
-        video = True
-    except KeyError:
-        video = False
-    unique = list(dict.fromkeys(writable))
-    return ServiceSpec(name, command, user, sbcrt_executable(), unique, video)
-
-
-def absolute_paths(command: list[str], source: str, cwd: Path) -> list[str]:
-    out = list(command)
-    for i, word in enumerate(out):
-        for option in PATH_OPTIONS:
-            if word == option and i + 1 < len(out):
-                out[i + 1] = str(cwd / out[i + 1])  # cwd / an absolute path is that path
-            elif option.startswith("--") and word.startswith(option + "="):
-                out[i] = f"{option}={cwd / word.split('=', 1)[1]}"
-    is_local = not (source.isdigit() or "://" in source or source.startswith(("picamera2", "/")))
-    if is_local and source in out:
-        out[out.index(source, 1)] = str(cwd / source)
-    return out
 
 
 def render_unit(spec: ServiceSpec) -> str:
@@ -211,37 +193,66 @@ def require_root(action: str) -> None:
         raise UsageError(f"{action} needs root: run it with sudo (or use --dry-run to see the unit)")
 
 
-def install(spec: ServiceSpec, *, root: Path | None = None, out=sys.stdout) -> Path:
-    """Write and enable the unit; on the live system also create the user and folders and start it now."""
+def sysusers_entry(spec: ServiceSpec) -> str:
+    """systemd-sysusers' lines for the service user (and its video membership): an image made with --root has
+    no such user, and systemd-sysusers creates it at first boot, before the unit starts."""
+    lines = [
+        f"# Written by `sbcrt service install` (sbcrt {__version__}) for {spec.unit_name}: its User={spec.user}.",
+        f'u {spec.user} - "sbcrt service" {HOME} /usr/sbin/nologin',
+    ]
+    if spec.video_group:
+        lines.append(f"m {spec.user} video")
+    return "\n".join(lines) + "\n"
+
+
+def sysusers_path(name: str, root: Path) -> Path:
+    return root / SYSUSERS_DIR.relative_to("/") / f"sbcrt-{name}.conf"
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomically, world-readable (systemd and the image's tools read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    partial.chmod(0o644)
+    os.replace(partial, path)
+
+
+def install(spec: ServiceSpec, *, root: Path | None = None) -> list[str]:
+    """Write and enable the unit; on the live system also create the user and folders and start it now; under
+    `root` (an image) also write the sysusers.d entry that creates the user at its first boot. Returns what was
+    done, one line each."""
     if root is None:
         require_root("sbcrt service install")
     folder = unit_dir(root)
     path = folder / spec.unit_name
+    done: list[str] = []
     if root is None:
         ensure_user(spec.user)
         for directory in spec.writable:
             directory.mkdir(parents=True, exist_ok=True)
             shutil.chown(directory, spec.user, None)
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(render_unit(spec))
-    partial.chmod(0o644)
-    os.replace(partial, path)
-    print(f"wrote {path}", file=out)
+    else:
+        users = sysusers_path(spec.name, root)
+        _write(users, sysusers_entry(spec))
+        done.append(f"wrote {users} (creates the user {spec.user} at the first boot)")
+    _write(path, render_unit(spec))
+    done.append(f"wrote {path}")
     try:
         if root is not None:
             systemctl("enable", spec.unit_name, root=root)
-            print(f"enabled {spec.unit_name} under {root} (starts at the next boot of that system)", file=out)
+            done.append(f"enabled {spec.unit_name} under {root} (starts at the next boot of that system)")
         else:
             systemctl("daemon-reload")
             systemctl("enable", "--now", spec.unit_name)
-            print(f"enabled and started {spec.unit_name}; logs: journalctl -u {spec.unit_name} -f", file=out)
+            done.append(f"enabled and started {spec.unit_name}; logs: journalctl -u {spec.unit_name} -f")
     except SystemctlError as exc:
         raise SystemctlError(f"{exc}; the unit is written to {path} but not enabled") from None
-    return path
+    return done
 
 
-def uninstall(name: str, *, root: Path | None = None, out=sys.stdout) -> None:
+def uninstall(name: str, *, root: Path | None = None) -> list[str]:
+    """Stop, disable and remove the unit (and under `root` its sysusers.d entry); returns what was done."""
     check_name(name)
     if root is None:
         require_root("sbcrt service uninstall")
@@ -256,28 +267,38 @@ def uninstall(name: str, *, root: Path | None = None, out=sys.stdout) -> None:
     path.unlink()
     if root is None:
         systemctl("daemon-reload")
-    print(f"stopped, disabled and removed {path}" if root is None else f"disabled and removed {path}", file=out)
+        return [f"stopped, disabled and removed {path}"]
+    done = [f"disabled and removed {path}"]
+    users = sysusers_path(name, root)
+    if users.exists():  # the user itself stays: files it owns may remain in the image
+        users.unlink()
+        done.append(f"removed {users}")
+    return done
 
 
-def status(name: str, *, root: Path | None = None, out=sys.stdout) -> int:
-    """The unit file, whether it is enabled, and (live) systemctl status: exit 0 running, 3 not running."""
+@dataclass
+class Status:
+    code: int  # 0 running (or enabled, under a root), 3 not running, 4 not installed
+    text: str  # what to show, lines ending in newlines
+
+
+def status(name: str, *, root: Path | None = None) -> Status:
+    """The unit file, whether it is enabled, and (live) systemctl status."""
     check_name(name)
     unit = f"sbcrt-{name}.service"
     path = unit_dir(root) / unit
     if not path.exists():
-        print(f"{unit}: not installed (no {path})", file=out)
-        return 4
-    print(f"{unit}: {path}", file=out)
+        return Status(4, f"{unit}: not installed (no {path})\n")
+    text = f"{unit}: {path}\n"
     if root is not None:
         done = systemctl("is-enabled", unit, root=root, check=False)
-        print(f"{unit}: {done.stdout.strip() or done.stderr.strip()}", file=out)
-        return 0 if done.returncode == 0 else 3
+        text += f"{unit}: {done.stdout.strip() or done.stderr.strip()}\n"
+        return Status(0 if done.returncode == 0 else 3, text)
     systemctl("is-system-running", check=False)  # raises nothing; the status call below says what is wrong
     done = systemctl("status", "--no-pager", "--lines=20", unit, check=False)
     if done.returncode == 4 or "not been booted with systemd" in done.stderr or "Failed to connect" in done.stderr:
         raise SystemctlError(f"systemctl status {unit}: systemd is not running on this system (no PID 1 systemd)")
-    print(done.stdout, end="", file=out)
-    return done.returncode
+    return Status(done.returncode, text + done.stdout)
 
 
 def ensure_user(user: str) -> None:
@@ -287,15 +308,8 @@ def ensure_user(user: str) -> None:
         return
     except KeyError:
         pass
-    command = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/var/lib/sbcrt",
+    command = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", HOME,
                "--shell", "/usr/sbin/nologin", user]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise SbcrtError(f"cannot create the user {user!r}: {done.stderr.strip() or done.returncode}")
-
-
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", required=True, help="the service's name: the unit is sbcrt-NAME.service")
-    parser.add_argument(
-        "--root", type=Path, metavar="DIR", help="act on the system image under DIR (systemctl --root), offline"
-    )

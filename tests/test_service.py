@@ -10,12 +10,27 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sbcrt.commands.service import prepare
 from sbcrt.errors import UsageError
-from sbcrt.service import check_name, prepare, render_unit, systemd_quote
+from sbcrt.service import check_name, render_unit, systemd_quote
+from tests.service_helpers import barn_model, scratch_folder
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    with scratch_folder() as folder:
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def WATCH(scratch: Path) -> list[str]:  # noqa: N802 (was a constant; a fixture now that the model must exist)
+    model = barn_model(scratch / "opt/models/barn.onnx")
+    return ["watch", "0", "--model", str(model), "--when", "fox>=0.6", "--mqtt", "mqtt://broker.local"]
 
 
 def sbcrt(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -42,10 +57,7 @@ def verify(unit_text: str, folder: Path, name: str = "sbcrt-test.service") -> st
     return (done.stdout + done.stderr).strip() + ("" if done.returncode == 0 else f"\n(exit {done.returncode})")
 
 
-WATCH = ["watch", "0", "--model", "/opt/models/barn.onnx", "--when", "fox>=0.6", "--mqtt", "mqtt://broker.local"]
-
-
-def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path) -> None:
+def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path, WATCH: list[str]) -> None:  # noqa: N803
     done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *WATCH, "--jsonl", "/srv/pen3/out.jsonl",
                  "--save", "/srv/pen3/alerts")  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -62,20 +74,24 @@ def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path) -> None:
     assert argv[argv.index("watch") :] == [*WATCH, "--jsonl", "/srv/pen3/out.jsonl", "--save", "/srv/pen3/alerts"]
 
 
-def test_awkward_arguments_reach_sbcrt_unchanged(tmp_path: Path) -> None:
+def test_awkward_arguments_reach_sbcrt_unchanged(tmp_path: Path, scratch: Path) -> None:
     awkward = ["my models/barn.onnx", 'say "hi"', "back\\slash", "100%", "$HOME", "it's", "", ";", "tab\there"]
     for word in awkward:
         assert exec_start(f"ExecStart=/bin/echo {systemd_quote(word)}")[1:] == [word], word
-    spec = prepare("pen3", ["watch", "pens/*.jpg", "--model", "my models/barn.onnx", "--mqtt-topic", "farm/pen 3$",
-                            "--jsonl", "out dir/x.jsonl"], cwd=Path("/opt/sbcrt"))  # fmt: skip
+    cwd = scratch / "opt/sbcrt"
+    barn_model(cwd / "my models/barn.onnx")
+    line = ["watch", "pens/*.jpg", "--model", "my models/barn.onnx", "--mqtt-topic", "farm/pen 3$", "--mqtt",
+            "mqtt://broker", "--jsonl", "out dir/x.jsonl"]  # fmt: skip
+    spec = prepare("pen3", line, user="sbcrt", cwd=cwd)
     unit = render_unit(spec)
     assert verify(unit, tmp_path) == ""
     argv = exec_start(unit)
+    # (--mqtt: watch refuses --mqtt-topic without it, and so does install now.)
     # Relative paths became absolute: the service runs in its state folder, not where install was typed.
-    expected = ["watch", "/opt/sbcrt/pens/*.jpg", "--model", "/opt/sbcrt/my models/barn.onnx", "--mqtt-topic",
-                "farm/pen 3$", "--jsonl", "/opt/sbcrt/out dir/x.jsonl"]  # fmt: skip
+    expected = ["watch", f"{cwd}/pens/*.jpg", "--model", f"{cwd}/my models/barn.onnx", "--mqtt-topic",
+                "farm/pen 3$", "--mqtt", "mqtt://broker", "--jsonl", f"{cwd}/out dir/x.jsonl"]  # fmt: skip
     assert argv[argv.index("watch") :] == expected
-    assert 'ReadWritePaths="/opt/sbcrt/out dir"' in unit
+    assert f'ReadWritePaths="{cwd}/out dir"' in unit
 
 
 def test_verify_is_a_real_check(tmp_path: Path) -> None:
@@ -84,7 +100,7 @@ def test_verify_is_a_real_check(tmp_path: Path) -> None:
     assert "Unknown key" in verify("[Service]\nExecStart=/bin/true\nRestartEverySoOften=1\n", tmp_path)
 
 
-def test_refuses_bad_names_and_command_lines(tmp_path: Path) -> None:
+def test_refuses_bad_names_and_command_lines(tmp_path: Path, WATCH: list[str]) -> None:  # noqa: N803
     for bad in ("pen 3", "../pen3", "pen3@x", "", "-pen3", "a" * 65, "pen3/x"):
         with pytest.raises(UsageError):
             check_name(bad)
@@ -99,11 +115,12 @@ def test_refuses_bad_names_and_command_lines(tmp_path: Path) -> None:
     assert done.returncode == 2 and "needs --model" in done.stderr
 
 
-def test_install_status_uninstall_on_an_image_root(tmp_path: Path) -> None:
+def test_install_status_uninstall_on_an_image_root(tmp_path: Path, WATCH: list[str]) -> None:  # noqa: N803
     """--root: what an image build does; systemctl --root enables the unit offline, for real."""
     if shutil.which("systemctl") is None:
         pytest.skip("systemctl is not installed")
     root = tmp_path / "image"
+    barn_model(root / Path(WATCH[3]).relative_to("/"))  # the model the unit names is the image's
     done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--", *WATCH, "--jsonl", "/srv/x.jsonl")
     assert done.returncode == 0, done.stderr
     unit = root / "etc/systemd/system/sbcrt-pen3.service"
@@ -121,22 +138,26 @@ def test_install_status_uninstall_on_an_image_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="installing on the live system needs root")
-def test_live_install_says_in_one_line_when_systemctl_cannot_work(tmp_path: Path) -> None:
+def test_live_install_says_in_one_line_when_systemctl_cannot_work(
+    tmp_path: Path,
+    scratch: Path,
+    WATCH: list[str],  # noqa: N803
+) -> None:
     """On the live system sbcrt runs the real systemctl. Where systemd cannot do it (this container has no PID 1
     systemd; elsewhere the unit folder is not one systemd reads) install fails in one line and says where the
     unit is."""
     units = tmp_path / "units"
     env = {"SBCRT_SYSTEMD_UNIT_DIR": str(units)}
     done = sbcrt("service", "install", "--name", "pen3", "--user", "root", "--", *WATCH, "--jsonl",
-                 str(tmp_path / "out/pen3.jsonl"), env=env)  # fmt: skip
+                 str(scratch / "out/pen3.jsonl"), env=env)  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and re.search(r"systemctl .* failed: .*; the unit is written to", errors[0]), done.stderr
     assert "Traceback" not in done.stderr and (units / "sbcrt-pen3.service").is_file()
-    assert (tmp_path / "out").is_dir()  # the folders the service writes were prepared for its user
+    assert (scratch / "out").is_dir()  # the folders the service writes were prepared for its user
 
 
-def test_not_root_is_told_to_use_sudo() -> None:
+def test_not_root_is_told_to_use_sudo(WATCH: list[str]) -> None:  # noqa: N803
     runuser = shutil.which("runuser")
     if os.geteuid() == 0 and runuser is None:
         pytest.skip("cannot drop root here (no runuser)")

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sbcrt.commands.classify import add_model_arguments, positive_int, resolve_model
+from sbcrt.commands.arguments import add_model_arguments, positive_int, resolve_model
 from sbcrt.errors import UsageError
 
 SAMPLE_PHOTO = Path(__file__).resolve().parents[1] / "data" / "samples" / "chelsea.png"

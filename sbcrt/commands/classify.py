@@ -4,42 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from sbcrt.commands.arguments import add_model_arguments, load_classifier, positive_int, resolve_model
 from sbcrt.errors import SbcrtError, UsageError
-
-MODEL_ENV = "SBCRT_MODEL"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def add_model_arguments(p: argparse.ArgumentParser, *, required_help: str, threads: bool = True) -> None:
-    """--model and the session flags, shared by `classify`, `info`, `eval` and `bench` (which sweeps a list of
-    thread counts, so declares its own --threads: threads=False)."""
-    p.add_argument("-m", "--model", type=Path, help=f"the .onnx model ({required_help}; default: ${MODEL_ENV})")
-    if threads:
-        p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
-    p.add_argument(
-        "--no-spin", action="store_true", help="idle threads sleep instead of spinning (when other work shares the CPU)"
-    )
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the optimised-graph cache")
-
-
-def resolve_model(args: argparse.Namespace, *, required: bool) -> Path | None:
-    model = args.model or (Path(os.environ[MODEL_ENV]) if os.environ.get(MODEL_ENV) else None)
-    if model is None and required:
-        raise UsageError(f"no model: pass --model FILE.onnx or set {MODEL_ENV}")
-    return model
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -68,32 +37,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     pre.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"), help="per-channel std on [0, 1]")
     pre.add_argument("--labels", type=Path, help="class names, one per line")
     return p
-
-
-def load_classifier(args: argparse.Namespace, model: Path, *, warmup: bool = True):
-    from sbcrt.runtime.classifier import Classifier
-    from sbcrt.runtime.metadata import read_labels_file
-
-    labels = None
-    if getattr(args, "labels", None):
-        try:
-            labels = read_labels_file(str(args.labels))
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(
-                f"cannot read labels file {args.labels}: {getattr(exc, 'strerror', None) or exc}"
-            ) from None
-    return Classifier(
-        model,
-        threads=args.threads,
-        spin=not args.no_spin,
-        cache_dir=False if args.no_cache else None,
-        warmup=warmup,
-        size=getattr(args, "size", None),
-        resize_size=getattr(args, "resize", None),
-        mean=getattr(args, "mean", None),
-        std=getattr(args, "std", None),
-        labels=labels,
-    )
 
 
 def run(args: argparse.Namespace) -> int:

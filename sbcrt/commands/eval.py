@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sbcrt.commands.classify import add_model_arguments, load_classifier, positive_int, resolve_model
+from sbcrt.commands.arguments import add_model_arguments, load_classifier, positive_int, resolve_model
 from sbcrt.errors import UsageError
 
 PER_CLASS_SHOWN = 10  # the human summary lists the worst classes; --json has them all
@@ -54,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"note: {classifier.path.name}: {note}", file=sys.stderr)
 
     progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
+    interrupted = threading.Event()
+    restore = stop_on_interrupt(interrupted)
     try:
-        report = evaluate(dataset, model, other, progress=progress)
+        report = evaluate(dataset, model, other, progress=progress, stop=interrupted.is_set)
     finally:
+        restore()
         if progress:
             progress.close()
     if args.json:
@@ -65,7 +71,24 @@ def run(args: argparse.Namespace) -> int:
         print(render(report))
     for failure in report["failures"] if not args.json else []:
         print(f"{failure['path']}: error: {failure['error']}", file=sys.stderr)
+    if report.get("interrupted"):
+        return 130  # the shell's code for SIGINT, after the summary of what was evaluated
     return 1 if report["failures"] else 0
+
+
+def stop_on_interrupt(flag: threading.Event) -> Callable[[], None]:
+    """The first SIGINT sets `flag` (the evaluation stops after the current image and its partial summary is
+    printed); a second one interrupts at once. Returns a function restoring the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handle(_signum: int, _frame: object) -> None:
+        flag.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, handle)
+    return lambda: signal.signal(signal.SIGINT, previous)
 
 
 class ProgressBar:
@@ -89,6 +112,7 @@ def render(report: dict[str, Any]) -> str:
         f"{data['images_evaluated']} images in {data['classes']} classes ({layout}"
         + (f", {used} of {data['images_found']} by --limit" if used < data["images_found"] else "")
         + ")"
+        + (f" - INTERRUPTED: the figures cover these, not all {used}" if report.get("interrupted") else "")
     ]
     entries = [("model", model)] + ([("vs", report["vs"])] if "vs" in report else [])
     for role, entry in entries:
@@ -105,7 +129,7 @@ def render(report: dict[str, Any]) -> str:
     if pre:
         lines.append(f"decode + preprocess: median {pre['median_ms']:.1f} ms, p90 {pre['p90_ms']:.1f} ms per image")
     comparison = report.get("comparison")
-    if comparison:
+    if comparison and "top1_agreement" in comparison:  # no compared image: an interrupt before the first
         c = comparison
         lines.append(
             f"agreement: top-1 {c['top1_agreement']:.3f}; logits max |diff| {c['max_abs_error']:.3g}, "

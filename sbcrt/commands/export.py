@@ -8,6 +8,9 @@ from pathlib import Path
 from sbcrt.errors import UsageError
 
 EXPORT_NEEDS = 'the export stage needs PyTorch and ONNX: pip install "sbcrt[export]"'
+# The packages of the `export` extra: only their absence means "install the extra"; any other ImportError is a
+# bug or a broken install and must show as itself.
+EXPORT_PACKAGES = ("torch", "onnx", "onnxscript")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,9 +48,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.int8 and args.calib is None:  # before importing torch: a usage error should not wait for it
+        raise UsageError("--int8 needs --calib DIR: photos like the ones the model will see, for calibration")
     try:
         from sbcrt.export.pipeline import export_model
-    except ImportError as exc:  # a runtime-only install (the Pi) has no torch/onnx
+    except ModuleNotFoundError as exc:  # a runtime-only install (the Pi) has no torch/onnx
+        if (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
+            raise
         raise UsageError(f"{EXPORT_NEEDS} ({exc.name} is missing)") from None
     report = export_model(
         args.arch,

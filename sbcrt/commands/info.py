@@ -10,7 +10,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from sbcrt.commands.classify import add_model_arguments, load_classifier, resolve_model
+from sbcrt.commands.arguments import add_model_arguments, load_classifier, resolve_model
 
 PACKAGES = ("numpy", "onnxruntime", "pillow", "opencv-python-headless", "opencv-python")
 

@@ -4,40 +4,35 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sbcrt.commands.classify import positive_int
+from sbcrt.commands.arguments import (
+    add_model_arguments,
+    load_classifier,
+    non_negative_float,
+    output_file,
+    output_folder,
+    positive_float,
+    positive_int,
+    resolve_model,
+)
 from sbcrt.errors import UsageError
+
+if TYPE_CHECKING:  # the watch modules load only when watch runs: `sbcrt --help` stays light
+    from sbcrt.watch.events import EventRules, Rule
+    from sbcrt.watch.mqtt import MqttSettings
+    from sbcrt.watch.sources import FrameSource
 
 DEFAULT_SAVE_MAX = "1000,1GB"
 DEFAULT_MQTT_QUEUE = 1000  # sbcrt.watch.mqtt.DEFAULT_QUEUE (not imported here: `sbcrt --help` stays light)
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be zero or more, got {text}")
-    return value
 
 
 def resolution(text: str) -> tuple[int, int]:
@@ -56,17 +51,22 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "frame; live statistics on stderr. Live sources that drop are reopened forever. SIGINT/SIGTERM finish the "
         "current frame and exit 0. Exit status 2: bad flags, unknown source, unusable model.",
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """watch's arguments, also parsed by `sbcrt service install` to check a command line before it goes into a
+    unit (paths are typed Path / output_file / output_folder so the service can find them)."""
     p.add_argument(
         "source",
         metavar="SOURCE",
         help="0 | /dev/video0 | picamera2[:N] | rtsp://... | http(s)://... | video file | folder | 'glob/*.jpg'",
     )
-    p.add_argument("-m", "--model", type=Path, help="the .onnx model (required; default: $SBCRT_MODEL)")
-    p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the optimised-graph cache")
+    add_model_arguments(p, required_help="required", spin=False)
     p.add_argument("--labels", type=Path, help="class names, one per line (overrides the model's)")
     p.add_argument("-k", "--top-k", type=positive_int, default=5, help="classes per record (default 5)")
-    p.add_argument("--jsonl", type=Path, metavar="FILE", help="append records to FILE (default: stdout)")
+    p.add_argument("--jsonl", type=output_file, metavar="FILE", help="append records to FILE (default: stdout)")
     p.add_argument(
         "--fps",
         type=positive_float,
@@ -106,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
     p.add_argument(
         "--heartbeat",
-        type=Path,
+        type=output_file,
         default=os.environ.get("SBCRT_HEARTBEAT") or None,
         metavar="FILE",
         help="touch FILE (at most every 5 s) while frames are processed, for health checks (default: $SBCRT_HEARTBEAT)",
@@ -130,7 +130,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="S",
         help="seconds before the same rule fires again (default 60)",
     )
-    events.add_argument("--save", type=Path, metavar="DIR", help="save the frames that fired an event into DIR")
+    events.add_argument(
+        "--save", type=output_folder, metavar="DIR", help="save the frames that fired an event into DIR"
+    )
     events.add_argument(
         "--save-max",
         action="append",
@@ -139,7 +141,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         f"(default {DEFAULT_SAVE_MAX})",
     )
     add_mqtt_arguments(p)
-    return p
 
 
 def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
@@ -190,22 +191,30 @@ def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    restore_native_logs = quiet_native_logs() if args.quiet else lambda: None  # before OpenCV is imported
-    try:
-        return _run(args)
-    finally:
-        restore_native_logs()
+# The library's names for the MQTT settings a user can get wrong -> the flags that set them.
+MQTT_FLAGS = {"ca_file": "--mqtt-ca"}
 
 
-def _run(args: argparse.Namespace) -> int:
-    from sbcrt.commands.classify import load_classifier, resolve_model
+@dataclass
+class WatchPlan:
+    """What a watch command line asks for, checked, before any model loads."""
+
+    model: Path
+    rules: list[Rule]
+    events: EventRules | None
+    max_files: int | None
+    max_bytes: int | None
+    mqtt_settings: MqttSettings | None
+    source: FrameSource  # not opened
+
+
+def plan(args: argparse.Namespace) -> WatchPlan:
+    """Everything a user can get wrong, checked before the model loads. Cameras and streams are not opened
+    (a video file is probed: a file OpenCV cannot read is a bad argument)."""
     from sbcrt.watch.events import EventRules, parse_rule
-    from sbcrt.watch.loop import LoopOptions, WatchLoop
-    from sbcrt.watch.sinks import FrameSaver, HeartbeatSink, JsonlSink, StatsLogSink, parse_save_limits
+    from sbcrt.watch.sinks import parse_save_limits
     from sbcrt.watch.sources import SourceOptions, parse_source
 
-    # Everything a user can get wrong is checked before the model loads.
     model = resolve_model(args, required=True)
     if args.fps and args.stride:
         raise UsageError("--fps and --stride both subsample; use one")
@@ -217,9 +226,7 @@ def _run(args: argparse.Namespace) -> int:
     max_files, max_bytes = parse_save_limits(args.save_max or [DEFAULT_SAVE_MAX])
     mqtt_settings = None
     if args.mqtt:
-        from sbcrt.watch.mqtt import settings_from_args
-
-        mqtt_settings = settings_from_args(args)  # also checks that paho-mqtt is installed
+        mqtt_settings = mqtt_settings_from(args)
     elif any(getattr(args, flag) for flag in ("mqtt_topic", "mqtt_client_id", "mqtt_ca", "mqtt_results",
                                               "mqtt_discovery")):  # fmt: skip
         raise UsageError("the --mqtt-* options need --mqtt URL")
@@ -235,10 +242,62 @@ def _run(args: argparse.Namespace) -> int:
             settle_s=args.settle,
         ),
     )
+    return WatchPlan(model, rules, events, max_files, max_bytes, mqtt_settings, source)
+
+
+def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:
+    """--mqtt* -> checked MqttSettings (also checks that paho-mqtt is installed)."""
+    import dataclasses
+
+    from sbcrt.watch.mqtt import MqttSettingError, check_settings, default_topic, parse_mqtt_url
+
+    settings = dataclasses.replace(
+        parse_mqtt_url(args.mqtt),
+        topic=args.mqtt_topic or default_topic(),
+        discovery_prefix=args.mqtt_discovery_prefix,
+        client_id=args.mqtt_client_id,
+        qos=args.mqtt_qos,
+        ca_file=args.mqtt_ca,
+        results=args.mqtt_results,
+        results_interval_s=args.mqtt_results_interval,
+        stats_interval_s=args.mqtt_stats_interval,
+        discovery=args.mqtt_discovery,
+        queue_size=args.mqtt_queue,
+        debounce=args.debounce,
+    )
+    try:
+        return check_settings(settings)
+    except MqttSettingError as exc:
+        raise UsageError(f"{MQTT_FLAGS.get(exc.setting, exc.setting)} {exc}") from None
+
+
+def check(args: argparse.Namespace) -> None:
+    """What `watch` checks at start, up to the point where it would open the source: the flags, the model (loaded,
+    no graph cache written) and the rules' labels against it. `sbcrt service install` runs this."""
+    checked = plan(args)
+    classifier = load_classifier(args, checked.model, warmup=False, cache=False)
+    if checked.events:
+        checked.events.check_labels(classifier.labels)
+
+
+def run(args: argparse.Namespace) -> int:
+    restore_native_logs = quiet_native_logs() if args.quiet else lambda: None  # before OpenCV is imported
+    try:
+        return _run(args)
+    finally:
+        restore_native_logs()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from sbcrt.watch.loop import LoopOptions, WatchLoop
+    from sbcrt.watch.sinks import FrameSaver, HeartbeatSink, JsonlSink, StatsLogSink
+
+    checked = plan(args)
+    model, rules, events, source = checked.model, checked.rules, checked.events, checked.source
+    max_files, max_bytes, mqtt_settings = checked.max_files, checked.max_bytes, checked.mqtt_settings
 
     restore_logging = configure_logging(quiet=args.quiet)
     try:
-        args.no_spin = True  # the capture thread shares the cores: spinning inference threads would starve it
         classifier = load_classifier(args, model)
         log = logging.getLogger("sbcrt.watch")
         for note in classifier.notes:

@@ -24,7 +24,7 @@ from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_o
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import rewrite_for_inference
-from sbcrt.models.registry import Architecture, get_architecture
+from sbcrt.models.registry import Architecture, UnknownArchitecture, WeightsUnavailable, get_architecture
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels, read_labels_file
 
@@ -132,10 +132,13 @@ def export_model(
     started = time.perf_counter()
     if opset < 17:
         raise UsageError("opset must be >= 17 (LayerNormalization is one op from opset 17; GELU from 20)")
-    spec = get_architecture(arch)
+    try:
+        spec = get_architecture(arch)
+    except UnknownArchitecture as exc:  # model code knows no runtime: its errors become the user's here
+        raise UsageError(str(exc)) from None
     output = Path(output)
     if int8 and calib_dir is None:
-        raise UsageError("--int8 needs --calib DIR: photos like the ones the model will see, for calibration")
+        raise UsageError("int8 needs calibration photos (calib_dir) like the ones the model will see")
     calibration, holdout = quantize.split_photos(calib_dir, calib_count) if int8 else ([], [])
     if output.is_dir():
         raise UsageError(f"{output} is a folder; give the .onnx file to write")
@@ -220,7 +223,10 @@ def _load_model(
     if checkpoint is None:
         if spec.default_weights is None:
             raise UsageError(f"{spec.name} needs weights: {spec.weights_hint}, or --random-init for speed tests")
-        checkpoint = spec.default_weights()
+        try:
+            checkpoint = spec.default_weights()
+        except WeightsUnavailable as exc:
+            raise UsageError(str(exc)) from None
     ckpt = load_checkpoint(checkpoint)
     model = spec.build(num_classes_of(ckpt.state_dict, spec.classifier_key))
     load_weights(model, ckpt.state_dict, spec.name)

