@@ -10,6 +10,7 @@ import re
 import resource
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -100,8 +101,14 @@ def test_stdout_on_a_filling_disk_keeps_whole_lines_and_logs_once(runtime_models
 
 def test_stdout_to_dev_full_logs_one_error_not_one_per_frame(runtime_models, tmp_path: Path) -> None:
     video = clip(tmp_path / "clip.avi", frames=40)
-    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC
+    # Opened without O_CREAT: if something replaced the device by a file (an atomic rename onto /dev/full), fail
+    # here rather than append to that file.
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode), "/dev/full is not the character device (mknod c 1 7)"
+    full = os.open("/dev/full", os.O_WRONLY)  # every write fails with ENOSPC
+    try:
         done = run_watch(video, "-m", runtime_models["probe"], "-q", stdout=full, stderr=subprocess.PIPE)
+    finally:
+        os.close(full)
     assert done.returncode == 0, done.stderr
     errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "No space left on device" in errors[0], done.stderr

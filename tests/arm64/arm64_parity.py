@@ -54,8 +54,14 @@ def export_int8(out_dir: Path) -> Path:
 
 
 INT8_CALIB_COUNT = 16
-# int8 kernels differ in rounding between x86 and arm64 (requantisation), so the bound is looser than fp32's.
-INT8_LOGIT_TOLERANCE = 5e-2
+# int8 is not bit-for-bit portable, and x86 is the worse side: without AVX-VNNI, onnxruntime's x86 u8s8 kernel
+# (AVX2 VPMADDUBSW) adds pairs of products into saturating int16, while arm64's (UDOT/SDOT on the A76, widening
+# multiplies on the A72) accumulates in int32 exactly. Measured on Lite0 int8 (3 photos + the frame, AMD EPYC
+# without VNNI): x86 vs arm64 up to 0.198 x the logit scale; int8 vs fp32 ||d||/||fp32|| 0.23-0.34 on x86 but
+# 0.08-0.17 on arm64, and x86 int8 flips one photo's top-1 (a 0.08-logit margin) that arm64 int8 keeps. So the
+# bound is the measured spread with room (not a parity claim), and an int8 top-1 must be the fp32 model's
+# (what the Pi answers), not x86 int8's.
+INT8_LOGIT_TOLERANCE = 0.3
 
 
 def read_pins(path: Path) -> dict[str, str]:
@@ -174,6 +180,8 @@ def test_logits_match_x86(arm64_results: Path, x86_results: Path, report: dict) 
         tensor_diff = np.abs(ours[f"{model}/{source}/tensor"] - theirs[f"{model}/{source}/tensor"]).max(axis=(0, 2, 3))
         pixel_steps = round(float((tensor_diff * 255 * np.asarray(std[model])).max()), 3)
         tolerance = INT8_LOGIT_TOLERANCE if model.endswith("int8") else LOGIT_TOLERANCE
+        # int8: the answer to keep is the fp32 model's (see INT8_LOGIT_TOLERANCE); fp32: x86's own.
+        top1_reference = ours[key.replace("_int8/", "/")] if model.endswith("_int8") else x86
         if source == "frame" and pixel_steps > 0:
             tolerance = max(tolerance, FRAME_LOGIT_TOLERANCE)
         row = {
@@ -183,7 +191,7 @@ def test_logits_match_x86(arm64_results: Path, x86_results: Path, report: dict) 
             "max_abs_diff": diff,
             "relative": diff / scale,
             "tolerance": tolerance,
-            "same_top1": int(x86.argmax()) == int(arm.argmax()),
+            "same_top1": int(np.argmax(top1_reference)) == int(arm.argmax()),
             "pixel_steps": pixel_steps,
         }
         report["logits"].append(row)
@@ -259,7 +267,8 @@ def test_int8_kernel_follows_the_dot_product_extension(cpu: str, int8_probe: dic
 def write_report(data: dict) -> None:
     lines = ["# x86-64 vs emulated arm64 (make test-arm64)", ""]
     header = (
-        "| CPU | model | input | max abs diff | / logit scale | tolerance | same top-1 | input diff (8-bit steps) |"
+        "| CPU | model | input | max abs diff | / logit scale | tolerance | same top-1 (int8: as fp32) "
+        "| input diff (8-bit steps) |"
     )
     lines += [header]
     lines += ["| --- | --- | --- | --- | --- | --- | --- | --- |"]
