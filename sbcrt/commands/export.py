@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sbcrt.runtime.atomic import check_writable
+
+    check_writable(args.output)  # before the seconds torch takes to import (the library checks again)
     try:
         from sbcrt.export.pipeline import export_model
     except ImportError as exc:  # a runtime-only install (the Pi) has no torch/onnx
