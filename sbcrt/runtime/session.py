@@ -208,10 +208,10 @@ def cache_key(model_digest: str, cpu: CpuInfo, ort_version: str, algorithm: str 
 # The model's identity (the key) is a cryptographic digest: two versions of a model are not accidents.
 ENTRY_CHECK = "crc32"
 ENTRY_SUFFIX = ".opt.onnx"
-ENTRY_NAME = re.compile(r"^(?P<stem>.*)-(?P<key>[0-9a-f]{20})-(?P<digest>[0-9a-f]{8})\.opt\.onnx$")
+ENTRY_NAME = re.compile(r"^(?P<stem>.*)-(?P<key>[0-9a-f]{20})-(?P<digest>[0-9a-f]{8})\.opt\.onnx$", re.DOTALL)
 # Left by earlier sbcrt versions, which keyed entries by path and mtime and did not verify them: removed.
-LEGACY_ENTRY_NAME = re.compile(r"^.*-[0-9a-f]{20}\.onnx$")
-PARTIAL_NAME = re.compile(r"^\..*-[0-9a-f]{20}-\w+\.partial$")
+LEGACY_ENTRY_NAME = re.compile(r"^.*-[0-9a-f]{20}\.onnx$", re.DOTALL)
+PARTIAL_NAME = re.compile(r"^\..*-[0-9a-f]{20}-\w+\.partial$", re.DOTALL)  # any model name (even a newline)
 # Eviction, after each new entry is written: the cache stays bounded without any maintenance.
 KEEP_PER_MODEL = 2  # entries per model file name (its current version and the one before)
 MAX_ENTRIES = 16
@@ -249,7 +249,7 @@ class GraphCache:
         try:
             with os.scandir(self.root) as found:
                 entries = [
-                    (entry.stat(follow_symlinks=False).st_mtime, Path(entry.path))
+                    (_mtime(entry), Path(entry.path))
                     for entry in found
                     if entry.name.startswith(self.prefix)
                     and ENTRY_NAME.match(entry.name)
@@ -342,7 +342,7 @@ class GraphCache:
         try:
             with os.scandir(self.root) as found:
                 files = [
-                    (entry.stat(follow_symlinks=False).st_mtime, entry.name)
+                    (_mtime(entry), entry.name)
                     for entry in found
                     if entry.is_file(follow_symlinks=False) and entry.name != keep.name
                 ]
@@ -369,6 +369,13 @@ class GraphCache:
         for name in doomed:
             with contextlib.suppress(OSError):
                 (self.root / name).unlink()
+
+
+def _mtime(entry: os.DirEntry) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:  # removed by a concurrent start since the folder was listed: the oldest possible
+        return 0.0
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
