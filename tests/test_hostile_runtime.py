@@ -345,10 +345,29 @@ def test_export_to_a_read_only_place_fails_first_in_one_line(tmpfs) -> None:
     assert time.perf_counter() - started < 30
 
 
-def test_export_onto_a_device_is_refused(tmp_path: Path) -> None:
-    done = sbcrt("export", "efficientnet_lite0", "--random-init", "-o", "/dev/full")
+def test_export_onto_a_special_file_is_refused(tmp_path: Path) -> None:
+    # A FIFO of our own, not /dev/full: run as root, an export that renamed its file over a device node would
+    # replace the machine's device.
+    fifo = tmp_path / "pipe.onnx"
+    os.mkfifo(fifo)
+    done = sbcrt("export", "efficientnet_lite0", "--random-init", "-o", str(fifo))
     assert done.returncode == 2 and "not a regular file" in one_line_error(done)
-    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)  # still the device
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # untouched
+
+
+def test_an_export_removes_temporary_files_of_killed_exports(tmp_path: Path) -> None:
+    from sbcrt.export.pipeline import _write_atomically
+
+    old = time.time() - 2 * 3600
+    killed = tmp_path / ".m.onnx.k2j_4hq9.tmp"  # a mkstemp name from an export killed while writing
+    running = tmp_path / ".m.onnx.0a1b2c3d4e5f.tmp"  # a concurrent export, still writing
+    other = tmp_path / ".other.onnx.k2j_4hq9.tmp"
+    for path in (killed, running, other):
+        path.write_bytes(b"x")
+    for path in (killed, other):
+        os.utime(path, (old, old))
+    _write_atomically(tmp_path / "m.onnx", b"payload")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([running.name, other.name, "m.onnx"])
 
 
 def test_a_write_that_fails_late_is_one_line_and_leaves_nothing(tmpfs) -> None:
@@ -369,7 +388,7 @@ def test_export_of_a_file_that_is_not_a_checkpoint_says_so(tmp_path: Path) -> No
         line = one_line_error(done)
         assert "not a PyTorch checkpoint" in line and "IndexError" not in line
     broken = tmp_path / "broken.pth"
-    broken.write_bytes(b"\x80\x02" + os.urandom(64))  # looks like a pickle, is not one
+    broken.write_bytes(b"PK\x03\x04" + os.urandom(64))  # starts like a zip, is not one
     done = sbcrt("export", "efficientnet_lite0", "--checkpoint", str(broken), "-o", str(out))
     assert done.returncode == 1 and "damaged or not a PyTorch checkpoint" in one_line_error(done)
     assert not out.exists()

@@ -55,8 +55,6 @@ def load_checkpoint(path: Path) -> Checkpoint:
     except pickle.UnpicklingError as exc:
         # torch names the offending global in its message; keep just that part.
         reason = str(exc).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
-        if "global" not in reason.lower():  # not a refused class: the pickle itself is broken
-            raise SbcrtError(f"checkpoint {path} is damaged or not a PyTorch checkpoint ({reason})") from None
         raise SbcrtError(
             f"refusing to unpickle {path}: it needs Python objects beyond tensors and argparse.Namespace "
             f"({reason}). Nothing in it was run; re-save it as a plain state_dict if you trust it."

@@ -5,8 +5,10 @@ Nothing is written unless every check passes; the file appears atomically (write
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -334,3 +336,24 @@ def _write_atomically(output: Path, payload: bytes) -> None:
         write_atomically(output, payload)
     except OSError as exc:
         raise write_error(output, exc) from None
+    _remove_leftovers(output)
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Temporary files of earlier exports to the same name that were killed mid-write (older than an hour, so
+    never a concurrent export's)."""
+    now = time.time()
+    prefix = f".{output.name}."
+    try:
+        with os.scandir(output.parent) as found:
+            for entry in found:
+                middle = entry.name[len(prefix) : -len(".tmp")]
+                if not (
+                    entry.name.startswith(prefix) and entry.name.endswith(".tmp") and middle.replace("_", "").isalnum()
+                ):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > 3600:
+                        os.unlink(entry.path)
+    except OSError:
+        pass  # only tidying

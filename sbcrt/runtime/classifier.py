@@ -332,6 +332,7 @@ class Classifier:
                 "cache": str(self.session_info.cache_path) if self.session_info.cache_path else None,
                 "cache_hit": self.session_info.cache_hit,
                 "load_ms": round(self.session_info.load_ms, 1),
+                "cache_check_ms": round(self.session_info.digest_ms, 1),  # part of load_ms
             },
             "notes": list(self.notes),
         }
