@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     sources = expand_sources(args.inputs)  # before loading the model: a typo should not wait for it
     classifier = load_classifier(args, model)
+    for warning in classifier.warnings:  # even with -q: results from such a model must not pass for real ones
+        print(f"warning: {warning}", file=sys.stderr)
     if not args.quiet:
         for note in classifier.notes:
             print(f"note: {note}", file=sys.stderr)

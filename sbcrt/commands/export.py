@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.int8 and args.calib is None:  # before importing torch: a usage error should not wait for it
         raise UsageError("--int8 needs --calib DIR: photos like the ones the model will see, for calibration")
+    from sbcrt.runtime.atomic import check_writable
+
+    check_writable(args.output)  # before the seconds torch takes to import (the library checks again)
     try:
         from sbcrt.export.pipeline import export_model
     except ModuleNotFoundError as exc:  # a runtime-only install (the Pi) has no torch/onnx

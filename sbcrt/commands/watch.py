@@ -302,6 +302,8 @@ def _run(args: argparse.Namespace) -> int:
         log = logging.getLogger("sbcrt.watch")
         for note in classifier.notes:
             log.info("note: %s", note)
+        for warning in classifier.warnings:
+            log.warning("%s", warning)
         if events:
             events.check_labels(classifier.labels)
         sinks = [JsonlSink(args.jsonl)]

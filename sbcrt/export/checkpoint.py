@@ -46,6 +46,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise SbcrtError(f"checkpoint not found: {path}")
+    _check_format(path)
     try:
         # warnings: torch comments on old pickle protocols; our error below says all that matters.
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
@@ -58,8 +59,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
             f"refusing to unpickle {path}: it needs Python objects beyond tensors and argparse.Namespace "
             f"({reason}). Nothing in it was run; re-save it as a plain state_dict if you trust it."
         ) from None
-    except Exception as exc:  # truncated file, not a zip/pickle, wrong format
-        raise SbcrtError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # truncated file, a damaged zip, wrong format
+        first_line = next((line for line in str(exc).splitlines() if line.strip()), "")[:200]
+        raise SbcrtError(
+            f"checkpoint {path} is damaged or not a PyTorch checkpoint ({type(exc).__name__}: {first_line})"
+        ) from None
 
     layout, weights = _find_weights(obj, path)
     state_dict = {}
@@ -68,6 +72,20 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise SbcrtError(f"checkpoint {path}: entry {key!r} is a {type(value).__name__}, not a tensor")
         state_dict[key.removeprefix(DDP_PREFIX)] = value
     return Checkpoint(state_dict, sha256_of(path), layout)
+
+
+def _check_format(path: Path) -> None:
+    """torch.save writes a zip archive (since PyTorch 1.6) or, before that, a pickle (protocol 2+ starts with
+    0x80): anything else (a text file, an image, a safetensors file) gets one clear line, not torch's IndexError."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise SbcrtError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise SbcrtError(
+            f"{path} is not a PyTorch checkpoint (torch.save writes a zip archive; this file starts with {head!r})"
+        )
 
 
 def _find_weights(obj: object, path: Path) -> tuple[str, Mapping[str, object]]:

@@ -5,9 +5,11 @@ Nothing is written unless every check passes; the file appears atomically (write
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import os
-import tempfile
+import shutil
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -25,6 +27,7 @@ from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import rewrite_for_inference
 from sbcrt.models.registry import Architecture, UnknownArchitecture, WeightsUnavailable, get_architecture
+from sbcrt.runtime.atomic import check_writable, write_atomically, write_error
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels, read_labels_file
 
@@ -137,11 +140,11 @@ def export_model(
     except UnknownArchitecture as exc:  # model code knows no runtime: its errors become the user's here
         raise UsageError(str(exc)) from None
     output = Path(output)
+    # Before any of the slow work: a read-only or full place should fail now, not after a minute of exporting.
+    check_writable(output)
     if int8 and calib_dir is None:
         raise UsageError("int8 needs calibration photos (calib_dir) like the ones the model will see")
     calibration, holdout = quantize.split_photos(calib_dir, calib_count) if int8 else ([], [])
-    if output.is_dir():
-        raise UsageError(f"{output} is a folder; give the .onnx file to write")
 
     model, weights_desc, sha256 = _load_model(spec, checkpoint, random_init, seed)
     notes: list[str] = []
@@ -177,6 +180,8 @@ def export_model(
     macs = graph.count_macs(final)
 
     payload = final.SerializeToString()
+    if not int8:  # the size is known now: a disk too full for it should fail before the parity checks
+        _check_space(output, len(payload))
     parity = _check_parity(model, payload, config, verify_images)
     agreement = None
     if int8 and all(c.passed for c in parity):
@@ -316,13 +321,45 @@ def _check_parity(
     return checks
 
 
-def _write_atomically(output: Path, payload: bytes) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+def _check_space(output: Path, size: int) -> None:
+    folder = output.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # the write itself will say
+    if free < size:
+        raise write_error(output, OSError(errno.ENOSPC, f"needs {size / 1e6:.1f} MB, {free / 1e6:.1f} MB free"))
+
+
+def _write_atomically(output: Path, payload: bytes) -> None:
+    """The file appears whole or not at all, with the user's umask (0644 under 022, readable by a service
+    user); a failure (the disk filled up meanwhile) is one line."""
+    try:
+        _check_space(output, len(payload))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(output, payload)
+    except OSError as exc:
+        raise write_error(output, exc) from None
+    _remove_leftovers(output)
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Temporary files of earlier exports to the same name that were killed mid-write (older than an hour, so
+    never a concurrent export's)."""
+    now = time.time()
+    prefix = f".{output.name}."
+    try:
+        with os.scandir(output.parent) as found:
+            for entry in found:
+                middle = entry.name[len(prefix) : -len(".tmp")]
+                if not (
+                    entry.name.startswith(prefix) and entry.name.endswith(".tmp") and middle.replace("_", "").isalnum()
+                ):
+                    continue
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > 3600:
+                        os.unlink(entry.path)
+    except OSError:
+        pass  # only tidying

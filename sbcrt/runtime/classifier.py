@@ -22,7 +22,15 @@ import numpy as np
 from PIL import Image
 
 from sbcrt.errors import UsageError
-from sbcrt.runtime.images import ImageError, ImageSource, frame_channels, open_image, to_rgb, upright
+from sbcrt.runtime.images import (
+    ImageError,
+    ImageSource,
+    frame_channels,
+    max_pixels_default,
+    open_image,
+    to_rgb,
+    upright,
+)
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels
 from sbcrt.runtime.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
 from sbcrt.runtime.session import create_session
@@ -105,6 +113,7 @@ class Classifier:
         labels: list[str] | None = None,
     ) -> None:
         self.path = Path(model)
+        self.max_pixels = max_pixels_default()  # read once: a bad SBCRT_MAX_PIXELS fails here, not per image
         self._session, self.session_info = create_session(
             self.path, threads=threads, spin=spin, cache_dir=cache_dir, providers=providers
         )
@@ -115,6 +124,12 @@ class Classifier:
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model {self.path}: bad sbcrt metadata: {exc}") from None
         self.has_metadata = self.config is not None
+        # Unlike notes, warnings are meant to be shown even to a quiet caller.
+        self.warnings: list[str] = []
+        if self.config is not None and self.config.untrained:
+            self.warnings.append(
+                f"{self.path.name} is UNTRAINED (random weights, for speed tests only): its predictions mean nothing"
+            )
         if self.config is None:
             self.config = ModelConfig(architecture="unknown", num_classes=self.num_classes)
         self.preprocessing = self._resolve_preprocessing(size, resize_size, mean, std, interpolation)
@@ -249,7 +264,7 @@ class Classifier:
         # resized size for the exact final filter. An opt-in trade: agreement with the exact path is measured
         # in benchmarks/preprocess.py.
         draft = round(self.preprocessing.resize_size * JPEG_DRAFT_GAP) if fast else None
-        return open_image(image, draft_shorter_side=draft)
+        return open_image(image, max_pixels=self.max_pixels, draft_shorter_side=draft)
 
     def _to_tensor(self, decoded: Image.Image | np.ndarray, *, bgr: bool, fast: bool) -> np.ndarray:
         if isinstance(decoded, Image.Image):
@@ -317,6 +332,7 @@ class Classifier:
                 "cache": str(self.session_info.cache_path) if self.session_info.cache_path else None,
                 "cache_hit": self.session_info.cache_hit,
                 "load_ms": round(self.session_info.load_ms, 1),
+                "cache_check_ms": round(self.session_info.digest_ms, 1),  # part of load_ms
             },
             "notes": list(self.notes),
         }

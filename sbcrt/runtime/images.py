@@ -22,7 +22,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from sbcrt.errors import SbcrtError
+from sbcrt.errors import SbcrtError, UsageError
 
 # 128 MP covers today's 108 MP phone sensors; a decoded RGB image that size is ~400 MB, about the most a
 # 2 GB Raspberry Pi can hold next to a model. Override per call or with SBCRT_MAX_PIXELS.
@@ -38,13 +38,27 @@ class ImageError(SbcrtError):
 
 
 def max_pixels_default() -> int:
-    raw = os.environ.get("SBCRT_MAX_PIXELS")
+    """$SBCRT_MAX_PIXELS, else DEFAULT_MAX_PIXELS. Raises UsageError for a value that is not a positive whole
+    number (a `Classifier` reads it once, when it is made, so a typo fails the start, not every image)."""
+    raw = os.environ.get("SBCRT_MAX_PIXELS", "").strip()
     if not raw:
         return DEFAULT_MAX_PIXELS
     try:
-        return int(raw)
+        value = int(raw.replace("_", ""))
     except ValueError:
-        raise SbcrtError(f"SBCRT_MAX_PIXELS must be an integer, not {raw!r}") from None
+        value = 0
+    if value < 1:
+        raise UsageError(f"SBCRT_MAX_PIXELS must be a positive whole number of pixels, not {raw!r}")
+    return value
+
+
+def _allow_in_pil(limit: int) -> None:
+    """Let PIL open images up to `limit` pixels: PIL refuses anything above twice its own MAX_IMAGE_PIXELS
+    (~179 MP) while opening, before our check could allow it, so a higher limit raises PIL's (never lowers
+    it; our own check, from the header, is what refuses bombs)."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is not None and limit > 2 * pil_limit:
+        Image.MAX_IMAGE_PIXELS = -(-limit // 2)
 
 
 def open_image(
@@ -57,6 +71,7 @@ def open_image(
     to the reference pipeline, so only the fast path uses it.
     """
     limit = max_pixels_default() if max_pixels is None else max_pixels
+    _allow_in_pil(limit)
     if isinstance(source, bytes | bytearray):
         source = io.BytesIO(source)
     name = str(source) if isinstance(source, str | os.PathLike) else "image"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 
@@ -51,6 +52,9 @@ class ModelConfig:
                     values[key] = json.loads(raw)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"model metadata {key!r} is not valid JSON: {raw[:60]!r}") from exc
+                problem = _check_value(key, values[key])
+                if problem:
+                    raise ValueError(f"model metadata {key!r} must be {problem}, not {raw[:60]!r}")
         return cls(**values)
 
 
@@ -60,6 +64,34 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
     text = resources.files("sbcrt").joinpath("data/imagenet_classes.txt").read_text(encoding="utf-8")
     rows = (line.split(" ", 1) for line in text.splitlines() if line.strip())
     return tuple((synset, name.strip()) for synset, name in rows)
+
+
+def _check_value(key: str, value: object) -> str | None:
+    """What `value` should have been for `key` (a phrase for the error), or None when it is fine. Checked on
+    load, so hostile or hand-edited metadata is refused by name instead of failing later with a traceback."""
+    if key in ("num_classes", "resize_size", "crop_size"):
+        return None if _is_int(value) and value >= 1 else "a positive whole number"
+    if key == "input_size":
+        ok = isinstance(value, list) and len(value) == 3 and all(_is_int(v) and v >= 1 for v in value)
+        return None if ok else "three positive whole numbers [C, H, W]"
+    if key in ("mean", "std"):
+        ok = isinstance(value, list) and len(value) == 3 and all(_is_finite(v) for v in value)
+        if ok and key == "std" and not all(v > 0 for v in value):
+            return "three positive numbers (R, G, B)"
+        return None if ok else "three finite numbers (R, G, B)"
+    if key == "labels":
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
+    if key == "untrained":
+        return None if isinstance(value, bool) else "true or false"
+    return None if isinstance(value, str) else "a string"  # architecture, interpolation, precision, ...
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a size
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def imagenet_labels() -> list[str]:

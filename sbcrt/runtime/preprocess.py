@@ -74,6 +74,9 @@ class Preprocessing:
             raise UsageError(f"unknown interpolation {self.interpolation!r} (one of {', '.join(FILTERS)})")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise UsageError("mean and std need three values (R, G, B)")
+        # NaN passes every comparison, so it is checked by name: a NaN mean or std would feed the model NaNs.
+        if not all(math.isfinite(v) for v in (*self.mean, *self.std)):
+            raise UsageError(f"mean and std must be finite numbers, not mean {self.mean} std {self.std}")
         if any(s <= 0 for s in self.std):
             raise UsageError("std values must be positive")
         if self.resize_size < 1 or min(self.crop) < 1:
