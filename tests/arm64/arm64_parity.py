@@ -44,8 +44,8 @@ FRAME_LOGIT_TOLERANCE = 2e-2
 def export_key() -> str:
     """Changes whenever the exported files could: the export and model code, the metadata format, the pins."""
     digest = hashlib.sha256()
-    sources = sorted((REPO / "export").glob("*.py")) + sorted((REPO / "models").glob("*.py"))
-    for path in [*sources, REPO / "sbcrt" / "metadata.py", REPO / "constraints.txt"]:
+    sources = sorted((REPO / "sbcrt" / "export").glob("*.py")) + sorted((REPO / "sbcrt" / "models").glob("*.py"))
+    for path in [*sources, REPO / "sbcrt" / "runtime" / "metadata.py", REPO / "constraints.txt"]:
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
