@@ -1,6 +1,7 @@
 """Guest side of the instruction counter for the ncnn peer: like count_inference.py, for an ncnn model.
 
-    python3 count_ncnn.py MODEL.ncnn.param --input-shape 1,3,224,224 [--fp16] [--warmup 2] [--repeat 1] [--logits OUT.npy]
+    python3 count_ncnn.py MODEL.ncnn.param --input-shape 1,3,224,224 [--fp16] [--warmup 2] [--repeat 1]
+        [--logits OUT.npy]
 
 Runs under QEMU with the insn_count plugin; benchmarks/arm_count.py --peers starts it with the ncnn wheel on
 PYTHONPATH (a folder of its own: ncnn is a peer we compare against, never part of sbcrt's userland). 1 thread,
