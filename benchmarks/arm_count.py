@@ -462,6 +462,9 @@ STANDARD_ARCHS = {"sbcformer_xs": True, "sbcformer_b": True, "efficientnet_lite0
 # Calibration picks scales, not the graph: the instruction count does not depend on how many photos calibrate.
 STANDARD_CALIB_COUNT = 32
 PLAIN_OPSET = 18  # what a plain torch.onnx.export of the authors' model gives
+# `sbcrt export --target arm64` changes these (their depthwise convolutions; SBCFormer's are all 3x3 stride 1,
+# which onnxruntime's direct kernel already runs, so its arm64 graph is the default one).
+ARM64_TARGET_ARCHS = ("efficientnet_lite0",)
 
 
 def export_key() -> str:
@@ -486,6 +489,8 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
             f"{arch}.int8": {"int8": True},
             f"{arch}.plain.int8": {"rewrite": False, "opset": PLAIN_OPSET, "int8": True},
         }
+        if arch in ARM64_TARGET_ARCHS:
+            variants[f"{arch}.arm64"] = {"target": "arm64"}
         for label, options in variants.items():
             path = out_dir / f"{label}.onnx"
             if not path.is_file():
@@ -500,6 +505,8 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
             (f"{arch}.int8", arch),
             (f"{arch}.plain.int8", f"{arch}.plain"),
         ]
+        if arch in ARM64_TARGET_ARCHS:
+            ratios.append((f"{arch}.arm64", arch))
     for stale in out_dir.parent.iterdir():  # exports of older export code: ~250 MB each
         if stale != out_dir and stale.is_dir():
             shutil.rmtree(stale)
@@ -658,7 +665,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     counter = Counter.prepare()
     jobs = [Job(label, path, cpu, args.threads, args.warmup, args.repeat) for cpu in cpus for label, path in models]
-    for label, path in list(models):
+    # Peers run the fp32 graphs: every --model, and of the standard matrix sbcrt's default export of each arch.
+    peer_sources = dict.fromkeys([*args.model, *((label, path) for label, path in models if label in STANDARD_ARCHS)])
+    for label, path in peer_sources if args.peers else []:
         for engine in args.peers:
             converted = peers.convert(path)
             models.append((f"{label}.{engine}", converted))
