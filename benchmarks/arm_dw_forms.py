@@ -59,7 +59,7 @@ def single_op_model(channels: int, size: int, kernel: int, stride: int, form: st
             )
         ]  # fmt: skip
     else:
-        nodes, extra = depthwise_nodes(form, "x", "y", weight, bias, stride, kernel // 2, (size, size), "dw")
+        nodes, extra = depthwise_nodes(form, "x", "y", weight, bias, stride, (kernel // 2,) * 2, (size, size), "dw")
         inits += extra
     graph = helper.make_graph(
         nodes,
