@@ -9,9 +9,15 @@ instructions per single-op model, EfficientNet-Lite0's shapes):
     depthwise conv          grouped Conv   chosen form
     5x5 s1 1152ch 7x7           14.9        6.6  taps, channels-last
     5x5 s2 144ch 56x56          23.3       16.3  phases (taps 17.0)
-    3x3 s2 96ch 112x112         21.5       19.7  stride-1 Conv + strided Slice (phases 37.5)
+    3x3 s2 96ch 112x112         21.5       19.7  stride-1 Conv + strided Slice (taps 20.1, phases 37.5)
+    3x3 s2 240ch 28x28           4.0        2.7  taps (strided 4.4)
+    5x5 s1 672ch 14x14          18.6       14.9  taps
+    5x5 s2 672ch 14x14           9.5        4.4  taps (phases 8.9)
     5x5 s1 240ch 28x28          18.2       (kept: taps 23.0, four 3x3 windows 26.4)
     3x3 s1 144ch 56x56           6.6       (kept: the direct kernel; taps 22.7)
+    3x3 s1 480ch 14x14           2.3       (kept: taps 4.2)
+
+EfficientNet-Lite0 as a whole: 325.7 M -> 273.9 M on both Pi CPUs (README, ARM).
 
 The forms (default-domain ops only; weights rearranged exactly, so results differ from the grouped Conv only
 by float summation order):
@@ -30,8 +36,8 @@ import numpy as np
 import onnx
 from onnx import NodeProto, TensorProto, helper, numpy_helper, shape_inference
 
-# Maps at most this size (height) take the channels-last taps form: measured 2.3x fewer instructions at 7x7;
-# at 28x28 the grouped Conv is cheaper (above). See choose_form for 14x14.
+# Outputs at most this size (height) take the channels-last taps form, unless 3x3 stride 1: fewer instructions
+# at 7x7 and 14x14 (above); at 28x28 the grouped Conv is cheaper.
 TAPS_MAX_SIZE = 14
 
 
