@@ -105,3 +105,14 @@ def test_rewrite_depthwise_keeps_the_function_and_skips_what_it_cannot_do():
     assert all(t.name in used for t in rewritten.graph.initializer)  # replaced weights are gone
     # Six convolutions deep the values reach the hundreds: float summation order shows relative to that scale.
     assert np.abs(_run(rewritten, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_a_weight_another_node_reads_stays_in_the_graph():
+    model = _conv_model([(5, 1, 1, (2, 2))], 7, 4)  # taps: the Conv goes, its weight w0 would too
+    model.graph.node.append(helper.make_node("Identity", ["w0"], ["w_out"]))
+    model.graph.output.append(helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [4, 1, 5, 5]))
+    rewritten, counts = rewrite_depthwise(model)
+    assert counts == {"taps": 1}
+    onnx.checker.check_model(rewritten, full_check=True)
+    assert "w0" in {t.name for t in rewritten.graph.initializer}
+    assert "b0" not in {t.name for t in rewritten.graph.initializer}

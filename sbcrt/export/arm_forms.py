@@ -230,8 +230,9 @@ def rewrite_depthwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
     for value in [*inferred.graph.value_info, *inferred.graph.input]:
         shapes[value.name] = [d.dim_value for d in value.type.tensor_type.shape.dim]
     inits = {t.name: t for t in model.graph.initializer}
+    # Inputs' users, so a weight another node shares stays in the graph when one of its Convs is rewritten.
     used: dict[str, int] = {}
-    for name in (n for node in model.graph.node if node.op_type != "Conv" for n in node.input):
+    for name in (n for node in model.graph.node for n in node.input):
         used[name] = used.get(name, 0) + 1
     nodes, added, removed, counts = [], [], set(), {}
     for index, node in enumerate(model.graph.node):
@@ -263,11 +264,14 @@ def rewrite_depthwise(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
             strides[0],
             (pads[0], pads[2]),
             (shape[2], shape[3]),
-            f"dw{index}",
+            f"arm_dw{index}",
         )
         nodes += new_nodes
         added += new_inits
-        removed.update(n for n in node.input[1:] if n and not used.get(n))
+        for name in filter(None, node.input[1:]):
+            used[name] -= 1
+            if not used[name]:
+                removed.add(name)
         counts[form] = counts.get(form, 0) + 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
