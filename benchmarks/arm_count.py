@@ -4,6 +4,7 @@ Raspberry Pi 4 (cortex-a72) or Pi 5 (cortex-a76) CPU, split into instruction cla
     python benchmarks/arm_count.py --model sbcformer_b.onnx --cpu cortex-a72 --json out.json
     python benchmarks/arm_count.py --model a.onnx --model b.onnx --cpu cortex-a72 --cpu cortex-a76
     python benchmarks/arm_count.py --standard-matrix --cpu cortex-a72 --cpu cortex-a76   (what `make arm-count` runs)
+    python benchmarks/arm_count.py --model lite0.onnx --peers ncnn,ncnn-fp16 --cpu cortex-a76   (+ the ncnn peer)
 
 Instruction counts are exact and repeatable where x86 timings are noisy, and they see the ARM kernels
 (onnxruntime's NCHWc layout path is x86-only; int8 without dot product on a Pi 4). They are a proxy for time:
@@ -14,6 +15,8 @@ tools/arm64/insn_count/count_inference.py, which opens the model as sbcrt does w
 and brackets each counted inference with markers; the QEMU plugin tools/arm64/insn_count/insn_count.c (built
 here with gcc against the qemu-plugin.h of the QEMU that runs it, from Debian's source package) counts only
 between them. Counts are cached per model file, CPU and everything that could change them (--fresh recounts).
+--peers also counts each fp32 model in ncnn (pnnx's conversion of the same file; tools/arm64/insn_count/
+count_ncnn.py), its logits checked against onnxruntime's; the peers' wheels stay in folders of their own.
 """
 
 from __future__ import annotations
@@ -235,8 +238,114 @@ class Counter:
         """Everything besides the model that decides a count: the plugin, the guest driver, the userland (its
         folder name is a hash of its pins), the emulated CPU's description, sbcrt's session code, QEMU."""
         cpu_files = sorted(p for p in (TOOLS / "cpu" / cpu).rglob("*") if p.is_file())
-        parts = [self.plugin, COUNTER_SOURCES / "count_inference.py", REPO / "sbcrt" / "session.py", *cpu_files]
+        parts = [
+            self.plugin,
+            COUNTER_SOURCES / "count_inference.py",
+            REPO / "sbcrt" / "runtime" / "session.py",
+            *cpu_files,
+        ]
         return "|".join([sha256_of(*parts), self.userland.name, str(self.qemu), cpu]).encode()
+
+
+# -- peers: the runtimes Pi users pick instead (--peers) -------------------------------------------------
+
+
+class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
+    """ncnn from PyPI, fed by pnnx's conversion of the same ONNX file. Both wheels go into folders of their own
+    under build/ (the host's pnnx binary; the aarch64 ncnn wheel that only the counting run puts on its
+    PYTHONPATH): never into sbcrt's userland, image or requirements. Pinned: a new ncnn changes the counts."""
+
+    NCNN = "1.0.20261020"
+    PNNX = "20261020"
+    ENGINES = ("ncnn", "ncnn-fp16")  # fp32 only; ncnn's defaults (fp16 storage and arithmetic where the CPU has them)
+    DIR = BUILD / "peers"
+    PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_24_aarch64", "manylinux2014_aarch64")
+
+    @staticmethod
+    def _pip_target(target: Path, requirement: str, platforms: tuple[str, ...] = ()) -> Path:
+        if (target / ".complete").is_file():
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        pip = os.environ.get("PIP", str(REPO / ".venv" / "bin" / "pip"))
+        options = ["--implementation", "cp", "--python-version", "3.11", "--abi", "cp311"] if platforms else []
+        for platform in platforms:
+            options += ["--platform", platform]
+        log(f"installing {requirement} into {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
+        run(
+            [
+                pip,
+                "install",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--target",
+                str(target),
+                *options,
+                requirement,
+            ]
+        )
+        (target / ".complete").touch()
+        return target
+
+    @classmethod
+    def aarch64_site(cls) -> Path:
+        return cls._pip_target(cls.DIR / f"aarch64-ncnn-{cls.NCNN}", f"ncnn=={cls.NCNN}", cls.PLATFORMS)
+
+    @classmethod
+    def convert(cls, onnx_path: Path) -> Path:
+        """pnnx's ncnn conversion of `onnx_path` (batch 1), cached by the file's contents."""
+        import onnx
+
+        folder = cls.DIR / "models" / sha256_of(onnx_path, cls.PNNX.encode())[:16]
+        param = folder / "model.ncnn.param"
+        if param.is_file():
+            return param
+        shape = [
+            d.dim_value or 1
+            for d in onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        ]
+        pnnx = cls._pip_target(cls.DIR / f"host-pnnx-{cls.PNNX}", f"pnnx=={cls.PNNX}") / "pnnx" / "pnnx"
+        work = Path(tempfile.mkdtemp(prefix="pnnx-", dir=cls.DIR))
+        shutil.copy(onnx_path, work / "model.onnx")
+        log(f"converting {onnx_path.name} with pnnx {cls.PNNX}")
+        shape_arg = "inputshape=[" + ",".join(map(str, shape)) + "]"
+        run([str(pnnx), "model.onnx", shape_arg, "fp16=0"], cwd=work)
+        (work / "input_shape").write_text(",".join(map(str, shape)))
+        for name in ("model.onnx", "model.pnnx.onnx", "model.pnnxsim.onnx", "model.pnnx.bin"):
+            (work / name).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(folder)
+        return param
+
+    @staticmethod
+    def model_files(param: Path) -> list[Path]:
+        return [param, param.with_suffix(".bin")]
+
+    @classmethod
+    def identity(cls, engine: str) -> bytes:
+        return f"{engine}|ncnn {cls.NCNN}|{sha256_of(COUNTER_SOURCES / 'count_ncnn.py')}".encode()
+
+    @staticmethod
+    def guest_command(engine: str, param: Path, logits: Path) -> list[str]:
+        shape = (param.parent / "input_shape").read_text().strip()
+        command = [str(COUNTER_SOURCES / "count_ncnn.py"), str(param.resolve()), f"--input-shape={shape}"]
+        return [*command, f"--logits={logits}", *(["--fp16"] if engine == "ncnn-fp16" else [])]
+
+    @staticmethod
+    def check_logits(onnx_path: Path, logits: Path) -> dict:
+        """The peer's logits vs the host's onnxruntime on the same fixed input (count_inference.fixed_input)."""
+        import numpy as np
+        import onnxruntime as ort
+
+        sys.path.insert(0, str(COUNTER_SOURCES))
+        from count_inference import fixed_input
+
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        node = session.get_inputs()[0]
+        expected = session.run(None, {node.name: fixed_input(node.shape, node.type, 0)})[0]
+        got = np.load(logits).reshape(expected.shape)
+        return {"max_abs_diff": float(np.abs(got - expected).max()), "logit_scale": float(np.abs(expected).max())}
 
 
 # -- counting ------------------------------------------------------------------------------------------
@@ -250,10 +359,16 @@ class Job:
     threads: int
     warmup: int
     repeat: int
+    engine: str = "onnxruntime"  # or a peer: "ncnn" (fp32), "ncnn-fp16" (ncnn's default where fp16 runs)
+    source: Path | None = None  # a peer's job: the ONNX file its model was converted from
 
 
 def count(counter: Counter, job: Job, fresh: bool) -> dict:
-    key = sha256_of(job.model, counter.identity(job.cpu), f"{job.threads}|{job.warmup}|{job.repeat}".encode())
+    identity = counter.identity(job.cpu)
+    if job.engine != "onnxruntime":
+        identity += b"|" + peers.identity(job.engine)
+    model_files = [job.model] if job.engine == "onnxruntime" else peers.model_files(job.model)
+    key = sha256_of(*model_files, identity, f"{job.threads}|{job.warmup}|{job.repeat}".encode())
     cached = COUNT_DIR / "results" / f"{key[:20]}.json"
     if cached.is_file() and not fresh:
         result = json.loads(cached.read_text())
@@ -269,6 +384,16 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         "PYTHONPATH": str(REPO),  # the repo's sbcrt.runtime.session, as the Pi would have installed it
         "PYTHONHASHSEED": "0",  # the same dict orders in every run
     }
+    guest = [
+        str(COUNTER_SOURCES / "count_inference.py"),
+        str(job.model.resolve()),
+        f"--threads={job.threads}",
+    ]
+    logits = None
+    if job.engine != "onnxruntime":
+        logits = regions_file.with_suffix(".npy")
+        env["PYTHONPATH"] = str(peers.aarch64_site())  # the peer's wheel, in a folder of its own
+        guest = peers.guest_command(job.engine, job.model, logits)
     command = [
         str(TOOLS / "run.sh"),
         "--cpu",
@@ -281,9 +406,7 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         f"{counter.plugin},out={regions_file}",
         "--",
         "python3",
-        str(COUNTER_SOURCES / "count_inference.py"),
-        str(job.model.resolve()),
-        f"--threads={job.threads}",
+        *guest,
         f"--warmup={job.warmup}",
         f"--repeat={job.repeat}",
     ]
@@ -314,6 +437,10 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         "emulated_seconds": seconds,
     }
     result["stable"] = is_stable(result["spread"])
+    if logits is not None:
+        result["engine"] = job.engine
+        result["vs_onnxruntime"] = peers.check_logits(job.source, logits)
+        logits.unlink()
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(result, indent=1))
     log(f"{job.label} on {job.cpu}: {chosen['instructions'] / 1e6:.1f} M instructions ({seconds} s)")
@@ -342,6 +469,9 @@ STANDARD_ARCHS = {"sbcformer_xs": True, "sbcformer_b": True, "efficientnet_lite0
 # Calibration picks scales, not the graph: the instruction count does not depend on how many photos calibrate.
 STANDARD_CALIB_COUNT = 32
 PLAIN_OPSET = 18  # what a plain torch.onnx.export of the authors' model gives
+# `sbcrt export --target arm64` changes these (their depthwise convolutions; SBCFormer's are all 3x3 stride 1,
+# which onnxruntime's direct kernel already runs, so its arm64 graph is the default one).
+ARM64_TARGET_ARCHS = ("efficientnet_lite0",)
 
 
 def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
@@ -359,6 +489,8 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
             f"{arch}.int8": {"int8": True},
             f"{arch}.plain.int8": {"rewrite": False, "opset": PLAIN_OPSET, "int8": True},
         }
+        if arch in ARM64_TARGET_ARCHS:
+            variants[f"{arch}.arm64"] = {"target": "arm64"}
         for label, options in variants.items():
             path = out_dir / f"{label}.onnx"
             if not path.is_file():
@@ -373,6 +505,8 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
             (f"{arch}.int8", arch),
             (f"{arch}.plain.int8", f"{arch}.plain"),
         ]
+        if arch in ARM64_TARGET_ARCHS:
+            ratios.append((f"{arch}.arm64", arch))
     for stale in out_dir.parent.iterdir():  # exports of older export code: ~250 MB each
         if stale != out_dir and stale.is_dir():
             shutil.rmtree(stale)
@@ -477,6 +611,14 @@ def parse_model(value: str) -> tuple[str, Path]:
     return label, Path(path)
 
 
+def parse_peers(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in peers.ENGINES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown)}; choose from {', '.join(peers.ENGINES)}")
+    return names
+
+
 def parse_ratio(value: str) -> tuple[str, str]:
     a, sep, b = value.partition("/")
     if not sep or not a or not b:
@@ -496,6 +638,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="counted inferences; >= 2 checks that counts are stable")
     parser.add_argument("--ratio", action="append", type=parse_ratio, default=[], help="LABEL/LABEL to compare")
     parser.add_argument("--jobs", type=int, default=1, help="emulations at the same time (default 1)")
+    parser.add_argument(
+        "--peers",
+        type=parse_peers,
+        default=[],
+        help=f"also count each model in these runtimes (comma-separated: {', '.join(peers.ENGINES)}), 1 thread",
+    )
     parser.add_argument("--fresh", action="store_true", help="count again instead of using cached counts")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, help="write the tables as markdown")
@@ -517,6 +665,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     counter = Counter.prepare()
     jobs = [Job(label, path, cpu, args.threads, args.warmup, args.repeat) for cpu in cpus for label, path in models]
+    # Peers run the fp32 graphs: every --model, and of the standard matrix sbcrt's default export of each arch.
+    peer_sources = dict.fromkeys([*args.model, *((label, path) for label, path in models if label in STANDARD_ARCHS)])
+    for label, path in peer_sources if args.peers else []:
+        for engine in args.peers:
+            converted = peers.convert(path)
+            models.append((f"{label}.{engine}", converted))
+            jobs += [
+                Job(f"{label}.{engine}", converted, cpu, 1, args.warmup, args.repeat, engine, path) for cpu in cpus
+            ]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: count(counter, job, args.fresh), jobs))
     # Table order: models as given, each on every CPU.
@@ -529,6 +686,15 @@ def main(argv: list[str] | None = None) -> int:
         shown = ratios or [(label, models[0][0]) for label, _ in models[1:]]
         print()
         print(text_table(*ratio_rows(results, shown)))
+    checked = [r for r in results if "vs_onnxruntime" in r]
+    if checked:
+        print()
+        for r in checked:
+            check = r["vs_onnxruntime"]
+            print(
+                f"{r['model']} on {r['cpu']}: logits vs onnxruntime max |diff| {check['max_abs_diff']:.2e} "
+                f"(logit scale {check['logit_scale']:.2f})"
+            )
     print()
     print(stability_note(results))
     log(f"done in {time.monotonic() - started:.0f} s")

@@ -246,12 +246,27 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path: Path) -> None:
         (["sbcformer_b"], "needs weights"),
         (["resnet50"], "unknown architecture"),
         (["sbcformer_xs", "--checkpoint", "/nonexistent.pth"], "checkpoint not found"),
+        (["efficientnet_lite0", "--target", "arm64", "--int8", "--calib", "/tmp"], "fp32 only"),
     ],
 )
 def test_usage_errors_are_one_line(args: list[str], message: str, tmp_path: Path) -> None:
     result = run_cli("export", *args, "-o", str(tmp_path / "m.onnx"))
     assert result.returncode in (1, 2)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_arm64_target_rewrites_lite0_depthwise_convs_and_still_matches_pytorch(tmp_path: Path) -> None:
+    """--target arm64: the depthwise forms of sbcrt/export/arm_forms.py, through the export's own parity check."""
+    out = tmp_path / "lite0_pi.onnx"
+    report = export_model("efficientnet_lite0", out, random_init=True, raw_graph_stats=False, target="arm64")
+    assert all(check.passed for check in report.parity)
+    assert "arm64 depthwise forms: 1 phases, 1 strided, 8 taps" in report.notes
+    model = onnx.load(str(out))
+    grouped = [
+        n for n in model.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)
+    ]
+    assert len(grouped) == 8  # kept: five 3x3 stride-1, the 5x5 on 28x28; the strided and phases forms' Convs
+    assert graph_ops(model)["SpaceToDepth"] == 1
 
 
 def test_random_init_is_marked_untrained(tmp_path: Path) -> None:

@@ -40,6 +40,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="an ONNX node name to leave in fp32 with --int8 (repeatable; the stem and classifier always are)",
     )
     p.add_argument(
+        "--target",
+        choices=("any", "arm64"),
+        default="any",
+        help="arm64: depthwise convolutions in the forms onnxruntime's aarch64 kernels run with fewer "
+        "instructions (a Pi; fp32 only; slower on x86). Default: the graph for any CPU",
+    )
+    p.add_argument(
         "--no-rewrite",
         action="store_true",
         help="keep the authors' graph structure (still folded): for comparing against sbcrt's layout rewrites",
@@ -68,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         verify_images=args.verify_images,
         opset=args.opset,
         rewrite=not args.no_rewrite,
+        target=args.target,
         int8=args.int8,
         calib_dir=args.calib,
         calib_count=args.calib_count,

@@ -22,6 +22,7 @@ import torch
 from sbcrt import __version__
 from sbcrt.errors import SbcrtError, UsageError
 from sbcrt.export import graph, quantize
+from sbcrt.export.arm_forms import rewrite_depthwise
 from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
@@ -123,6 +124,7 @@ def export_model(
     calib_dir: Path | None = None,
     calib_count: int = 100,
     keep_fp32: list[str] | None = None,
+    target: str = "any",
 ) -> ExportReport:
     """Export `arch` to `output`; raises SbcrtError (and writes nothing) if any check fails.
 
@@ -131,6 +133,8 @@ def export_model(
     (sbcrt/export/rewrite.py), for comparisons: the graph is then the folded authors' structure.
     `int8` writes a statically quantised model instead (sbcrt/export/quantize.py), calibrated on `calib_count`
     photos of `calib_dir`, after the fp32 graph has passed its parity check.
+    `target="arm64"` writes depthwise convolutions in the forms onnxruntime's aarch64 kernels run with fewer
+    instructions (sbcrt/export/arm_forms.py); they are slower on x86, so the default graph stays CPU-neutral.
     """
     started = time.perf_counter()
     if opset < 17:
@@ -140,6 +144,10 @@ def export_model(
     except UnknownArchitecture as exc:  # model code knows no runtime: its errors become the user's here
         raise UsageError(str(exc)) from None
     output = Path(output)
+    if target not in ("any", "arm64"):
+        raise UsageError(f"target must be 'any' or 'arm64', not {target!r}")
+    if target == "arm64" and int8:
+        raise UsageError("--target arm64 is fp32 only (the int8 graph already runs onnxruntime's direct kernels)")
     # Before any of the slow work: a read-only or full place should fail now, not after a minute of exporting.
     check_writable(output)
     if int8 and calib_dir is None:
@@ -157,6 +165,10 @@ def export_model(
     if rewrite:
         prepared = rewrite_for_inference(prepared)
     final = graph.to_onnx(prepared, spec.data.input_size, opset)
+    if target == "arm64":
+        final, forms = rewrite_depthwise(final)
+        done = ", ".join(f"{n} {form}" for form, n in sorted(forms.items())) or "none applied"
+        notes.append(f"arm64 depthwise forms: {done}")
     final_ops = graph.op_counts(final)
     if final_ops.get("BatchNormalization"):
         raise SbcrtError("internal error: the exported graph still holds BatchNormalization nodes")
