@@ -44,6 +44,15 @@ recipe=(
     --aptopt='Acquire::Languages "none"'
 )
 
+# Docker's debian images also carry this apt configuration (debuerreotype's docker-clean): apt deletes the
+# .debs it downloaded and its binary caches after each run, so a Dockerfile's `apt-get install` layer holds
+# the installed files only (without it the image's apt layer kept ~80 MB of .debs). Written by the last
+# customize hook, so mmdebstrap's own bootstrap keeps its downloads.
+docker_clean='DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";'
+
 # The archive's state: the Date: line of each suite's InRelease (a few kB each). Offline, the newest cached
 # rootfs is used as it is.
 archive_dates() {
@@ -62,7 +71,7 @@ PY
 
 mkdir -p "$BUILD_ROOT/base"
 if dates="$(archive_dates 2>/dev/null)"; then
-    key="$(printf '%s\n' "${recipe[@]}" "${sources[@]}" "$dates" | sha256sum | cut -c1-12)"
+    key="$(printf '%s\n' "${recipe[@]}" "$docker_clean" "${sources[@]}" "$dates" | sha256sum | cut -c1-12)"
 else
     newest="$(ls -t "$BUILD_ROOT"/base/bookworm-slim-arm64-*.tar 2>/dev/null | head -n1 || true)"
     [[ -n "$newest" ]] || { log "cannot reach $DEBIAN_MIRROR and no cached rootfs"; exit 1; }
@@ -80,11 +89,13 @@ fi
 
 if [[ ! -f "$tarball" ]]; then
     started=$SECONDS
+    printf '%s\n' "$docker_clean" >"$BUILD_ROOT/base/docker-clean"
     log "mmdebstrap: bookworm arm64 minbase from ${sources[0]#deb } ($key)"
     mmdebstrap "${recipe[@]}" \
         --customize-hook='chroot "$1" dpkg-query -W -f="\${Package} \${Version}\n" >"$1/tmp/packages.lock"' \
         --customize-hook="download /tmp/packages.lock $tarball.packages" \
         --customize-hook='rm -f "$1/tmp/packages.lock"' \
+        --customize-hook="upload $BUILD_ROOT/base/docker-clean /etc/apt/apt.conf.d/docker-clean" \
         bookworm "$tarball.partial" "${sources[@]}" >"$tarball.log" 2>&1 || {
         tail -n 30 "$tarball.log" >&2
         log "mmdebstrap failed (whole log: $tarball.log)"
