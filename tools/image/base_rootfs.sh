@@ -47,7 +47,8 @@ recipe=(
 # Docker's debian images also carry this apt configuration (debuerreotype's docker-clean): apt deletes the
 # .debs it downloaded and its binary caches after each run, so a Dockerfile's `apt-get install` layer holds
 # the installed files only (without it the image's apt layer kept ~80 MB of .debs). Written by the last
-# customize hook, so mmdebstrap's own bootstrap keeps its downloads.
+# customize hooks, so mmdebstrap's own bootstrap keeps its downloads; its final `apt-get clean` then no
+# longer removes pkgcache.bin (the config names none), so a hook does (72 MB).
 docker_clean='DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
 APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true"; };
 Dir::Cache::pkgcache "";
@@ -71,7 +72,7 @@ PY
 
 mkdir -p "$BUILD_ROOT/base"
 if dates="$(archive_dates 2>/dev/null)"; then
-    key="$(printf '%s\n' "${recipe[@]}" "$docker_clean" "${sources[@]}" "$dates" | sha256sum | cut -c1-12)"
+    key="$(printf '%s\n' "${recipe[@]}" "$docker_clean" "rm *.bin" "${sources[@]}" "$dates" | sha256sum | cut -c1-12)"
 else
     newest="$(ls -t "$BUILD_ROOT"/base/bookworm-slim-arm64-*.tar 2>/dev/null | head -n1 || true)"
     [[ -n "$newest" ]] || { log "cannot reach $DEBIAN_MIRROR and no cached rootfs"; exit 1; }
@@ -96,6 +97,7 @@ if [[ ! -f "$tarball" ]]; then
         --customize-hook="download /tmp/packages.lock $tarball.packages" \
         --customize-hook='rm -f "$1/tmp/packages.lock"' \
         --customize-hook="upload $BUILD_ROOT/base/docker-clean /etc/apt/apt.conf.d/docker-clean" \
+        --customize-hook='rm -f "$1"/var/cache/apt/*.bin' \
         bookworm "$tarball.partial" "${sources[@]}" >"$tarball.log" 2>&1 || {
         tail -n 30 "$tarball.log" >&2
         log "mmdebstrap failed (whole log: $tarball.log)"
