@@ -32,3 +32,5 @@ clean:
 include tools/arm64/arm64.mk
 # `make arm-count`: aarch64 instructions per inference under QEMU (Pi 4 / Pi 5 CPU models), not part of CI.
 include tools/arm64/arm_count.mk
+# `make image-arm64` / `make test-image-arm64`: the arm64 image built with podman and run under QEMU.
+include tools/image/image.mk

@@ -20,4 +20,6 @@ if [ -e "$heartbeat" ]; then
     echo "healthy: last frame ${age} s ago"
     exit 0
 fi
-python3 -c "import onnxruntime, cv2, sbcrt" && echo "healthy: runtime loads (no heartbeat yet)"
+# python3.11 by name: the image installs Debian's python3.11 package only, and nothing there provides
+# /usr/bin/python3 (a bare `python3` made every container unhealthy until its first frame).
+python3.11 -c "import onnxruntime, cv2, sbcrt" && echo "healthy: runtime loads (no heartbeat yet)"
