@@ -139,6 +139,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         f"(default {DEFAULT_SAVE_MAX})",
     )
     add_mqtt_arguments(p)
+    add_http_arguments(p)
     return p
 
 
@@ -190,6 +191,26 @@ def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_http_arguments(p: argparse.ArgumentParser) -> None:
+    """--http*: the page, JSON API and /metrics (sbcrt/watch/http.py). Needs prometheus-client, imported only
+    when used."""
+    web = p.add_argument_group('web page and Prometheus metrics (pip install "sbcrt[http]")')
+    web.add_argument(
+        "--http",
+        metavar="[HOST:]PORT",
+        help="serve the page, /api/*, /metrics and /healthz on this port (host default 127.0.0.1: this machine "
+        "only; 0.0.0.0:8080 opens it to the network and needs --http-token)",
+    )
+    web.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help="require this token (Authorization: Bearer TOKEN, or ?token=TOKEN); default $SBCRT_HTTP_TOKEN",
+    )
+    web.add_argument(
+        "--http-insecure", action="store_true", help="allow --http beyond loopback without a token (warns)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from sbcrt.commands.classify import load_classifier, resolve_model
     from sbcrt.watch.events import EventRules, parse_rule
@@ -215,6 +236,14 @@ def run(args: argparse.Namespace) -> int:
     elif any(getattr(args, flag) for flag in ("mqtt_topic", "mqtt_client_id", "mqtt_ca", "mqtt_results",
                                               "mqtt_discovery")):  # fmt: skip
         raise UsageError("the --mqtt-* options need --mqtt URL")
+    # --http (sbcrt/watch/http.py): checked here, before the model loads; served by a sink added below.
+    http_settings = None
+    if args.http:
+        from sbcrt.watch.http import settings_from_args as http_settings_from_args
+
+        http_settings = http_settings_from_args(args)  # also checks that prometheus-client is installed
+    elif args.http_token or args.http_insecure:
+        raise UsageError("--http-token and --http-insecure need --http [HOST:]PORT")
     events = EventRules(rules, debounce=args.debounce, cooldown_s=args.cooldown) if rules else None
     source = parse_source(
         args.source,
@@ -254,6 +283,24 @@ def run(args: argparse.Namespace) -> int:
                     rules=[rule.text for rule in rules],
                     model_name=classifier.config.architecture,
                     snapshot_path=saver.saved_path if saver else None,  # the saver runs first: the path is known
+                )
+            )
+        if http_settings:  # --http: after the saver (snapshot paths) and MQTT (its counters)
+            from sbcrt.watch.http import HttpSink
+            from sbcrt.watch.mqtt import MqttSink
+
+            http_settings.live = source.live
+            saver = next((sink for sink in sinks if isinstance(sink, FrameSaver)), None)
+            mqtt = next((sink for sink in sinks if isinstance(sink, MqttSink)), None)
+            sinks.append(
+                HttpSink(
+                    http_settings,
+                    model=classifier.describe(),
+                    labels=list(classifier.labels),
+                    rules=[rule.text for rule in rules],
+                    source=source.describe(),
+                    snapshot_path=saver.saved_path if saver else None,
+                    mqtt_counters=mqtt.publisher.counters if mqtt else None,
                 )
             )
         loop = WatchLoop(
