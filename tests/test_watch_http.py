@@ -150,7 +150,7 @@ def chromium(binary: str, url: str, *mode: str, budget_ms: int = 6000) -> subpro
         return subprocess.run(
             [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1560",
+             "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,1200",
              "--hide-scrollbars", f"--virtual-time-budget={budget_ms}", *mode, url],
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
@@ -304,7 +304,7 @@ def test_page_in_a_browser(photo_clip, lite0_onnx: Path, tmp_path: Path) -> None
     assert snapshots and all(src.split("/snapshots/")[1] in files for src in snapshots), (snapshots, files)
 
     width, height = png_size(SCREENSHOT)
-    assert (width, height) == (1280, 1560) and SCREENSHOT.stat().st_size > 50_000
+    assert (width, height) == (1280, 1200) and SCREENSHOT.stat().st_size > 50_000
 
 
 # -- Prometheus -----------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ MAX_CONNECTIONS = 32
 # before closing: closing with unread input sends a TCP reset, which can destroy the error reply in flight.
 LINGER_S, LINGER_BYTES = 1.0, 1024 * 1024
 EVENTS_KEPT = 50
-ENCODE_EVERY_S = 0.5  # /snapshot.jpg encodes a new frame at most this often, however many clients poll
+ENCODE_EVERY_S = 1.0  # /snapshot.jpg encodes a new frame at most this often, however many clients poll
 JPEG_QUALITY = 85
 STALL_S = 60.0  # /healthz: like the image's HEALTHCHECK (tools/arm64/healthcheck.sh), 60 s without a frame
 # Chart history: (bucket seconds, buckets kept): 1 s for the last hour, 1 min for the last day.
@@ -205,13 +205,19 @@ class ProbabilityHistory:
         best = sorted(sums.items(), key=lambda item: -item[1])[:SERIES_PER_BUCKET]
         return start, tuple((index, round(total / frames, 4)) for index, total in best)
 
-    def window(self, seconds: float, now: float, series: int = 5) -> dict[str, Any]:
-        """Buckets of the finest tier that covers `seconds`; the `series` classes with the highest mean."""
+    def points(self, seconds: float) -> tuple[float, list[tuple[float, tuple[tuple[int, float], ...]]]]:
+        """(bucket seconds, the buckets) of the finest tier that covers `seconds`: a copy, cheap enough to take
+        under the state's lock; summarise() works on it outside the lock."""
         tier = next((i for i, (step, b) in enumerate(self._tiers) if step * b.maxlen >= seconds), len(self._tiers) - 1)
         step, buckets = self._tiers[tier]
         points = list(buckets)
         if self._open[tier] is not None:
             points.append(self._finish(self._open[tier]))
+        return step, points
+
+    @staticmethod
+    def summarise(step: float, points: list[Any], seconds: float, now: float, series: int = 5) -> dict[str, Any]:
+        """The chart's data: the buckets of the last `seconds`, and the `series` classes with the highest mean."""
         points = [p for p in points if p[0] + step > now - seconds]
         totals: dict[int, float] = {}
         for _, probs in points:
@@ -451,9 +457,10 @@ class HttpSink(Sink):
         return {**stats, "top": top, "mqtt": self._mqtt_counters() if self._mqtt_counters else None}
 
     def history_payload(self, window_s: float) -> dict[str, Any]:
-        with self.state.lock:
-            data = self.state.history.window(window_s, time.time())
+        with self.state.lock:  # a copy of the references under the lock; the loop waits for nothing more
+            step, points = self.state.history.points(window_s)
             labels = dict(self.state.labels)
+        data = ProbabilityHistory.summarise(step, points, window_s, time.time())
         for series in data["series"]:
             series["label"] = labels.get(series["index"], str(series["index"]))
         return data
