@@ -648,3 +648,39 @@ def test_healthz_turns_503_when_the_camera_freezes(runtime_models: dict[str, Pat
     assert not runner.is_alive()
     with pytest.raises(OSError):  # closed with the loop
         get(sink.settings.port, "/healthz", timeout=1)
+
+
+# -- with MQTT: the queue's state on the page's API and in /metrics --------------------------------------------------
+
+
+def test_mqtt_counters_in_stats_and_metrics(runtime_models: dict[str, Path], imagenet_samples, tmp_path: Path) -> None:
+    pytest.importorskip("paho.mqtt.client", reason='paho-mqtt is not installed (pip install "sbcrt[mqtt]")')
+    from tests.mqtt_broker import Broker
+
+    broker = Broker(tmp_path / "broker").start()
+    folder, out = tmp_path / "photos", tmp_path / "out.jsonl"
+    folder.mkdir()
+    for photo, _ in imagenet_samples[:3]:
+        shutil.copy(photo, folder / photo.name)
+    proc = WatchProcess(str(folder), "--model", str(runtime_models["tiny"]), "--jsonl", str(out), "--settle", "0",
+                        "--http", "127.0.0.1:0", "--stats-interval", "1", "--mqtt", broker.url,
+                        "--mqtt-topic", "farm/pen3", "--mqtt-stats-interval", "1")  # fmt: skip
+    try:
+        port = serving_port(proc)
+        deadline, stats = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            status, _, body = get(port, "/api/stats")
+            stats = json.loads(body) if status == 200 else None
+            if stats and stats["frames_processed"] == 3 and stats["mqtt"]["sent"] > 0:
+                break
+            time.sleep(0.3)
+        assert stats and stats["mqtt"]["connected"] is True and stats["mqtt"]["dropped"] == 0, stats
+        assert set(stats["mqtt"]) == {"connected", "queued", "sent", "dropped", "reconnects"}
+        _, _, metrics = get(port, "/metrics")
+        text = metrics.decode()
+        assert "sbcrt_mqtt_connected 1.0" in text and "sbcrt_mqtt_dropped_total 0.0" in text
+        sent = float(re.search(r"^sbcrt_mqtt_sent_total (\S+)$", text, re.M)[1])
+        assert sent >= stats["mqtt"]["sent"] > 0
+    finally:
+        assert proc.signal(signal.SIGTERM) == 0
+        broker.stop()
