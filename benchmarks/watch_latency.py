@@ -17,8 +17,9 @@ warm-up and at the end. Times are ms, medians (p90 in the table) after a warm-up
 a user runs it, alternately without and with `--http` while a client (this process) polls every 100 ms: each tick
 /api/latest, /snapshot.jpg and /metrics, every tenth tick also the page, /api/stats, /api/history and /api/events
 (heavier than the page itself, which polls once a second). Processed fps (from the records' times) and inference
-p50 of each pair give a ratio with/without; peak RSS (the child's ru_maxrss from wait4) for each. Run on the
-benchmark's model and on `--rss-model` (SBCFormer-B: `sbcrt export sbcformer_b --random-init -o ...`).
+p50 of each pair give a ratio with/without; peak RSS (the child's VmHWM, read before it is stopped: wait4's
+ru_maxrss would report this process's size, inherited through fork) for each. Run on the benchmark's model and on
+`--rss-model` (SBCFormer-B: `sbcrt export sbcformer_b --random-init -o ...`).
 """
 
 from __future__ import annotations
@@ -383,15 +384,16 @@ def watch_run(model: Path, clip: Path, frames: int, work: Path, *, serve: bool) 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     # Stop after `frames` records: the clip is longer, so the run never includes the end-of-video teardown.
+    peak_kb = 0
     while proc.poll() is None:
+        peak_kb = _peak_rss_kb(proc.pid) or peak_kb
         if jsonl.exists() and _lines(jsonl) >= frames:
             proc.send_signal(2)
             break
         time.sleep(0.05)
     if proc.returncode is not None:
         raise RuntimeError(f"watch exited ({proc.returncode}) before {frames} records: {' '.join(command)}")
-    _, _, usage = os.wait4(proc.pid, 0)
-    proc.returncode = 0  # reaped here (wait4 gives the child's own peak RSS)
+    proc.wait(60)
     stop.set()
     reader.join(5)
     records = [json.loads(line) for line in jsonl.read_text().splitlines()][10:frames]  # 10 frames of warm-up
@@ -399,12 +401,22 @@ def watch_run(model: Path, clip: Path, frames: int, work: Path, *, serve: bool) 
     result = {
         "processed_fps": round((len(times) - 1) / (times[-1] - times[0]), 2),
         "inference_p50_ms": round(statistics.median(r["timing_ms"]["inference"] for r in records), 2),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
     }
     if serve:
         result["requests"] = served[0]
         result["client_errors"] = len(errors)
     return result
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 def _lines(path: Path) -> int:

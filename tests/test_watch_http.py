@@ -22,13 +22,15 @@ import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from sbcrt.errors import UsageError
 from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.http import HttpSettings, HttpSink, check_exposure, parse_address
 from sbcrt.watch.loop import LoopOptions, WatchLoop
-from sbcrt.watch.sources import SourceOptions, parse_source
+from sbcrt.watch.sources import Frame, SourceOptions, parse_source
 from tests.watch_helpers import (
     RED_PERIOD,
     REPO,
@@ -684,3 +686,33 @@ def test_mqtt_counters_in_stats_and_metrics(runtime_models: dict[str, Path], ima
     finally:
         assert proc.signal(signal.SIGTERM) == 0
         broker.stop()
+
+
+def test_snapshot_is_scaled_for_the_page_and_encoded_at_most_once_a_second() -> None:
+    sink = HttpSink(HttpSettings(port=0))
+    port = sink.settings.port
+
+    def feed(number: int) -> None:
+        image = np.zeros((1080, 1920, 3), np.uint8)
+        image[:, : 100 + number] = (0, 0, 255)  # a red band whose width tells the frames apart
+        timing = {"capture": 1, "preprocess": 1, "inference": 1, "postprocess": 1, "total": 4}
+        record = {"frame": number, "time": "t", "source": "cam", "topk": [{"index": 0, "label": "a", "prob": 1.0}],
+                  "timing_ms": timing}  # fmt: skip
+        sink.record(record, Frame(number, time.time(), time.perf_counter(), 0.0, "cam", image=image))
+
+    try:
+        assert get(port, "/snapshot.jpg")[0] == 404  # no frame yet
+        feed(1)
+        status, headers, first = get(port, "/snapshot.jpg")
+        assert status == 200 and headers["X-Frame"] == "1"
+        assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == (720, 1280, 3)
+        _, headers, full = get(port, "/snapshot.jpg?full=1")
+        assert cv2.imdecode(np.frombuffer(full, np.uint8), cv2.IMREAD_COLOR).shape == (1080, 1920, 3)
+        feed(2)  # a new frame within the second: the encoding of frame 1 is served again
+        status, headers, again = get(port, "/snapshot.jpg")
+        assert headers["X-Frame"] == "1" and again == first
+        time.sleep(1.1)
+        status, headers, newer = get(port, "/snapshot.jpg")
+        assert headers["X-Frame"] == "2" and newer != first
+    finally:
+        sink.close()

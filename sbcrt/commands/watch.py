@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the --mqtt-* options need --mqtt URL")
     # --http (sbcrt/watch/http.py): checked here, before the model loads; served by a sink added below.
     http_settings = None
-    if args.http:
+    if args.http is not None:
         from sbcrt.watch.http import settings_from_args as http_settings_from_args
 
         http_settings = http_settings_from_args(args)  # also checks that prometheus-client is installed

@@ -9,7 +9,7 @@ Endpoints (GET and HEAD only):
     /api/events       the last EVENTS_KEPT events, oldest first, each the MQTT <topic>/event payload
     /api/history      ?window=S: the top classes' mean probabilities in buckets over the last S seconds (the chart)
     /api/model        the model's metadata (what `sbcrt info --json` shows), its labels and the --when rules
-    /snapshot.jpg     the latest frame as JPEG
+    /snapshot.jpg     the latest frame as JPEG, at most PAGE_WIDTH pixels wide (?full=1: as captured)
     /snapshots/NAME   a file that --save wrote (names FrameSaver gives only; no other file, no symlink)
     /healthz          200 while frames are processed, 503 once the loop has stalled (never needs the token)
     /metrics          Prometheus text format (prometheus-client, a registry of its own)
@@ -17,11 +17,12 @@ Endpoints (GET and HEAD only):
 Why the server never slows the loop: the sink's methods run on the loop's thread and only swap references (the
 record, the frame, the stats dict) under a lock held for a few assignments, observe two histograms and bump a
 counter; everything else (JSON, JPEG encoding, file reads, socket writes) happens on the server's threads.
-The latest frame is encoded lazily, when /snapshot.jpg is asked for, at most once per frame and at most once per
-ENCODE_EVERY_S whatever the number of clients. A client that stops reading or never finishes its request holds one
-thread until the socket timeout (TIMEOUT_S, for a whole request too), and at most MAX_CONNECTIONS are served at
-once: more are closed at once rather than queued. Requests are bounded (MAX_REQUEST_BYTES of request line and
-headers; no bodies).
+Those threads share the cores (and the GIL) with the loop, so they are kept cheap too: the latest frame is encoded
+lazily, when /snapshot.jpg is asked for, at most once per frame and at most once per ENCODE_EVERY_S whatever the
+number of clients, scaled to PAGE_WIDTH; the chart's data and /metrics are rendered at most every CACHE_S and
+METRICS_CACHE_S. A client that stops reading or never finishes its request holds one thread until the socket
+timeout (TIMEOUT_S, for a whole request too), and at most MAX_CONNECTIONS are served at once: more are closed at
+once rather than queued. Requests are bounded (MAX_REQUEST_BYTES of request line and headers; no bodies).
 
 Access: `--http-token` (or $SBCRT_HTTP_TOKEN) is checked in constant time, as `Authorization: Bearer TOKEN` or
 `?token=TOKEN`; /healthz stays open for supervisors. A bind to anything but loopback needs a token, or
@@ -71,6 +72,9 @@ LINGER_S, LINGER_BYTES = 1.0, 1024 * 1024
 EVENTS_KEPT = 50
 ENCODE_EVERY_S = 1.0  # /snapshot.jpg encodes a new frame at most this often, however many clients poll
 JPEG_QUALITY = 85
+PAGE_WIDTH = 1280  # /snapshot.jpg scales wider frames down (a 1080p encode costs 3x a 720p one); ?full=1 does not
+CACHE_S = 1.0  # /api/history is rebuilt at most this often per window: its buckets are 1 s wide anyway
+METRICS_CACHE_S = 0.5  # /metrics rendered at most twice a second, however often it is scraped
 STALL_S = 60.0  # /healthz: like the image's HEALTHCHECK (tools/arm64/healthcheck.sh), 60 s without a frame
 # Chart history: (bucket seconds, buckets kept): 1 s for the last hour, 1 min for the last day.
 HISTORY_TIERS = ((1.0, 3600), (60.0, 1440))
@@ -224,13 +228,13 @@ class ProbabilityHistory:
             for index, prob in probs:
                 totals[index] = totals.get(index, 0.0) + prob
         chosen = sorted(totals, key=lambda index: -totals[index])[:series]
+        by_index = [dict(probs) for _, probs in points]
         return {
             "window_s": seconds,
             "step_s": step,
             "now": round(now, 3),
             "times": [round(start, 3) for start, _ in points],
-            "series": [{"index": index, "values": [dict(probs).get(index, 0.0) for _, probs in points]}
-                       for index in chosen],
+            "series": [{"index": index, "values": [probs.get(index, 0.0) for probs in by_index]} for index in chosen],
         }  # fmt: skip
 
 
@@ -413,7 +417,9 @@ class HttpSink(Sink):
         self.metrics = Metrics(self.state, model=self.model, rules=list(rules or []), mqtt_counters=mqtt_counters)
         self._snapshot_path = snapshot_path
         self._mqtt_counters = mqtt_counters
-        self._jpeg: tuple[Any, bytes, float] | None = None  # (frame key, JPEG, when encoded)
+        self._jpeg: dict[bool, tuple[Any, bytes, float]] = {}  # full size? -> (frame key, JPEG, when encoded)
+        self._cache: dict[Any, tuple[float, Any]] = {}  # rendered responses: key -> (when, value)
+        self._cache_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         self.page = resources.files("sbcrt.watch").joinpath("page/index.html").read_bytes()
         self._save_dir = settings.save_dir.resolve() if settings.save_dir else None
@@ -465,7 +471,20 @@ class HttpSink(Sink):
             series["label"] = labels.get(series["index"], str(series["index"]))
         return data
 
-    def latest_jpeg(self) -> tuple[bytes, int] | None:
+    def cached(self, key: Any, max_age_s: float, build: Callable[[], Any]) -> Any:
+        """`build()`'s value, rebuilt at most every `max_age_s` (one builder at a time; the others reuse it)."""
+        hit = self._cache.get(key)
+        if hit is not None and time.monotonic() - hit[0] < max_age_s:
+            return hit[1]
+        with self._cache_lock:
+            hit = self._cache.get(key)
+            if hit is not None and time.monotonic() - hit[0] < max_age_s:
+                return hit[1]
+            value = build()
+            self._cache[key] = (time.monotonic(), value)
+            return value
+
+    def latest_jpeg(self, *, full: bool = False) -> tuple[bytes, int] | None:
         """The latest frame as JPEG (frame number too), encoded here on a server thread, at most once per frame
         and once per ENCODE_EVERY_S: clients polling faster get the previous encoding."""
         with self.state.lock:
@@ -473,17 +492,17 @@ class HttpSink(Sink):
         if frame is None:
             return None
         key = (frame.source, frame.number)
-        cached = self._jpeg
+        cached = self._jpeg.get(full)
         if cached is not None and (cached[0] == key or time.monotonic() - cached[2] < ENCODE_EVERY_S):
             return cached[1], cached[0][1]
         with self._encode_lock:  # one encoding at a time; the others then reuse it
-            cached = self._jpeg
+            cached = self._jpeg.get(full)
             if cached is not None and (cached[0] == key or time.monotonic() - cached[2] < ENCODE_EVERY_S):
                 return cached[1], cached[0][1]
-            data = _encode(frame)
+            data = _encode(frame, None if full else PAGE_WIDTH)
             if data is None:
                 return None
-            self._jpeg = (key, data, time.monotonic())
+            self._jpeg[full] = (key, data, time.monotonic())
             return data, frame.number
 
     def open_snapshot(self, name: str) -> tuple[int, int, str] | None:
@@ -513,7 +532,7 @@ class HttpSink(Sink):
         return fd, info.st_size, content_type
 
 
-def _encode(frame: Frame) -> bytes | None:
+def _encode(frame: Frame, max_width: int | None) -> bytes | None:
     import cv2
 
     if frame.path is not None:  # a folder's photo: the file itself when it is a JPEG (EXIF and all)
@@ -527,11 +546,18 @@ def _encode(frame: Frame) -> bytes | None:
             return None
     else:
         image = frame.image
+    if max_width is not None and image.shape[1] > max_width:
+        height = round(image.shape[0] * max_width / image.shape[1])
+        image = cv2.resize(image, (max_width, height), interpolation=cv2.INTER_AREA)
     ok, encoded = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     return encoded.tobytes() if ok else None
 
 
 # -- HTTP ---------------------------------------------------------------------------------------------------------
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
 
 
 class _RequestTooLarge(Exception):
@@ -612,6 +638,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: the page's polling reuses its connections
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no 40 ms delayed-ACK stall between
     server_version = f"sbcrt/{__version__}"
     sys_version = ""
 
@@ -713,14 +740,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 window = math.nan
             if not 1 <= window <= 86400:
                 return self._error(400, "window: seconds from 1 to 86400")
-            return self._json(sink.history_payload(window))
+            body = sink.cached(("history", window), CACHE_S, lambda: _dumps(sink.history_payload(window)))
+            return self._send(200, body, "application/json")
         if path == "/api/model":
             return self._json(sink.model)
         if path == "/metrics":
-            body, content_type = sink.metrics.render()
+            body, content_type = sink.cached("metrics", METRICS_CACHE_S, sink.metrics.render)
             return self._send(200, body, content_type)
         if path == "/snapshot.jpg":
-            latest = sink.latest_jpeg()
+            latest = sink.latest_jpeg(full=query.get("full", ["0"])[0] == "1")
             if latest is None:
                 return self._error(404, "no frame yet")
             return self._send(200, latest[0], "image/jpeg", {"X-Frame": str(latest[1])})
@@ -772,8 +800,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, value: Any, status: int = 200) -> None:
-        body = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
-        self._send(status, body, "application/json")
+        self._send(status, _dumps(value), "application/json")
 
     def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         body = json.dumps({"error": message}).encode()
