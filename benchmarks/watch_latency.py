@@ -12,17 +12,30 @@ included). "bare" is `classifier.run` on a preprocessed tensor; "classify_frame"
 preprocess + inference + top-k. Reconnect: the camera stops, comes back after `--down` s on the same port; the
 time from its return to the first record. Soak: a 640x480 stream at 60 fps through the model, RSS (VmRSS) after a
 warm-up and at the end. Times are ms, medians (p90 in the table) after a warm-up.
+
+--http (`--http-only` runs just this part): what `watch --http` costs. `python -m sbcrt watch` on the 1080p video, as
+a user runs it, alternately without and with `--http` while a client (this process) polls every 100 ms: each tick
+/api/latest, /snapshot.jpg and /metrics, every tenth tick also the page, /api/stats, /api/history and /api/events
+(heavier than the page itself, which polls once a second). Processed fps (from the records' times) and inference
+p50 of each pair give a ratio with/without; peak RSS (the child's VmHWM, read before it is stopped: wait4's
+ru_maxrss would report this process's size, inherited through fork) for each. Run on the benchmark's model and on
+`--rss-model` (SBCFormer-B: `sbcrt export sbcformer_b --random-init -o ...`).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -92,10 +105,23 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3, help="reconnect trials")
     parser.add_argument("--soak", type=int, default=2000, help="frames in the soak")
     parser.add_argument("--out", type=Path, default=REPO / "build" / "watch_latency.json")
+    parser.add_argument("--http-only", action="store_true", help="only the --http overhead and memory runs")
+    parser.add_argument("--http-frames", type=int, default=300, help="video frames per --http run")
+    parser.add_argument("--http-pairs", type=int, default=3, help="runs without/with --http, alternated")
+    parser.add_argument("--rss-model", type=Path, help="a second model for the --http runs (SBCFormer-B)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="sbcrt-watch-bench-"))
     model = args.model or export_lite0(work)
+    if args.http_only:
+        photos = sorted(args.photos.glob("*.JPEG"))[:30]
+        report = {"cpu": machine_info()["cpu"], "http": http_report(model, args.rss_model, photos, work, args)}
+        out = args.out.with_name(args.out.stem + "_http.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print_http(report["http"])
+        print(f"\nwritten {out}")
+        return
     classifier = Classifier(model, threads=args.threads, spin=False, cache_dir=False)
     photos = sorted(args.photos.glob("*.JPEG"))[:30]
     frames = photo_frames(photos, SIZE_1080P)
@@ -152,6 +178,9 @@ def main() -> None:
 
     # 5. Soak: RSS after a warm-up and after args.soak frames from a 640x480 stream.
     report["soak"] = soak(classifier, frames, args.soak)
+
+    # 6. What --http costs: watch with and without it, a client polling every 100 ms.
+    report["http"] = http_report(model, args.rss_model, photos, work, args)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -271,6 +300,141 @@ def print_table(report: dict) -> None:
         f"soak: {s['frames']} frames 640x480 in {s['seconds']} s, RSS {s['rss_after_warmup_mb']} MB after "
         f"{s['warmup_frames']} -> {s['rss_end_mb']} MB: growth {s['growth_mb']} MB"
     )
+    print_http(report["http"])
+
+
+# -- 6. --http: overhead and memory ------------------------------------------------------------------------------
+
+POLL_S = 0.1
+SERVING = re.compile(r"http: serving http://127\.0\.0\.1:(\d+)/")
+
+
+def http_report(model: Path, rss_model: Path | None, photos: list[Path], work: Path, args) -> dict:
+    clip = work / "http_1080p.avi"
+    frames = photo_frames(photos, SIZE_1080P)
+    assert write_video(clip, frames * (args.http_frames // len(frames) + 1), fourcc="MJPG", fps=30)
+    out = {"frames": args.http_frames, "poll_s": POLL_S, "models": {}}
+    for path in [model] + ([rss_model] if rss_model else []):
+        out["models"][path.stem] = http_pairs(path, clip, args.http_frames, args.http_pairs, work)
+    return out
+
+
+def http_pairs(model: Path, clip: Path, frames: int, pairs: int, work: Path) -> dict:
+    runs: dict[str, list[dict]] = {"without": [], "with": []}
+    for _ in range(pairs):
+        for mode in ("without", "with"):
+            runs[mode].append(watch_run(model, clip, frames, work, serve=mode == "with"))
+    ratios_fps = [w["processed_fps"] / o["processed_fps"] for w, o in zip(runs["with"], runs["without"], strict=True)]
+    ratios_p50 = [w["inference_p50_ms"] / o["inference_p50_ms"] for w, o in zip(runs["with"], runs["without"],
+                                                                                 strict=True)]  # fmt: skip
+    summary = {mode: {key: round(statistics.median(r[key] for r in runs[mode]), 2)
+                      for key in ("processed_fps", "inference_p50_ms", "peak_rss_mb")} for mode in runs}  # fmt: skip
+    return {
+        "runs": runs,
+        "median": summary,
+        "processed_fps_ratio": round(statistics.median(ratios_fps), 4),
+        "inference_p50_ratio": round(statistics.median(ratios_p50), 4),
+        "peak_rss_delta_mb": round(summary["with"]["peak_rss_mb"] - summary["without"]["peak_rss_mb"], 1),
+        "requests_served": sum(r.get("requests", 0) for r in runs["with"]),
+    }
+
+
+def watch_run(model: Path, clip: Path, frames: int, work: Path, *, serve: bool) -> dict:
+    """`python -m sbcrt watch` on the first `frames` frames of the clip; with `serve`, a client polls meanwhile."""
+    jsonl = work / f"http_{'with' if serve else 'without'}.jsonl"
+    jsonl.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "sbcrt", "watch", str(clip), "--model", str(model), "--jsonl", str(jsonl),
+               "--stats-interval", "3600"] + (["--http", "127.0.0.1:0"] if serve else [])  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "SBCRT_MODEL"}
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    stop = threading.Event()
+    served = [0]
+    errors: list[str] = []
+
+    def pump() -> None:
+        poller = None
+        for line in proc.stderr:
+            match = SERVING.search(line)
+            if match and poller is None:
+                poller = threading.Thread(target=poll, args=(int(match[1]),), daemon=True)
+                poller.start()
+        stop.set()
+
+    def poll(port: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        tick = 0
+        next_at = time.perf_counter()
+        while not stop.is_set():
+            paths = ["/api/latest", "/snapshot.jpg", "/metrics"]
+            if tick % 10 == 0:
+                paths += ["/", "/api/stats", "/api/history?window=600", "/api/events"]
+            for path in paths:
+                try:
+                    connection.request("GET", path)
+                    connection.getresponse().read()
+                    served[0] += 1
+                except (OSError, http.client.HTTPException) as exc:
+                    errors.append(f"{path}: {exc}")
+                    connection.close()
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            tick += 1
+            next_at += POLL_S
+            stop.wait(max(0.0, next_at - time.perf_counter()))
+        connection.close()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    # Stop after `frames` records: the clip is longer, so the run never includes the end-of-video teardown.
+    peak_kb = 0
+    while proc.poll() is None:
+        peak_kb = _peak_rss_kb(proc.pid) or peak_kb
+        if jsonl.exists() and _lines(jsonl) >= frames:
+            proc.send_signal(2)
+            break
+        time.sleep(0.05)
+    if proc.returncode is not None:
+        raise RuntimeError(f"watch exited ({proc.returncode}) before {frames} records: {' '.join(command)}")
+    proc.wait(60)
+    stop.set()
+    reader.join(5)
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()][10:frames]  # 10 frames of warm-up
+    times = [datetime.fromisoformat(r["time"]).timestamp() for r in records]
+    result = {
+        "processed_fps": round((len(times) - 1) / (times[-1] - times[0]), 2),
+        "inference_p50_ms": round(statistics.median(r["timing_ms"]["inference"] for r in records), 2),
+        "peak_rss_mb": round(peak_kb / 1024, 1),
+    }
+    if serve:
+        result["requests"] = served[0]
+        result["client_errors"] = len(errors)
+    return result
+
+
+def _peak_rss_kb(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)
+
+
+def print_http(report: dict) -> None:
+    poll_ms = report["poll_s"] * 1000
+    print(f"\n--http: {report['frames']} frames of 1080p video, a client polling every {poll_ms:.0f} ms")
+    for name, r in report["models"].items():
+        o, w = r["median"]["without"], r["median"]["with"]
+        print(f"  {name}: processed {o['processed_fps']:.2f} -> {w['processed_fps']:.2f} fps "
+              f"(ratio {r['processed_fps_ratio']:.4f}), inference p50 {o['inference_p50_ms']:.2f} -> "
+              f"{w['inference_p50_ms']:.2f} ms (ratio {r['inference_p50_ratio']:.4f}), peak RSS "
+              f"{o['peak_rss_mb']:.1f} -> {w['peak_rss_mb']:.1f} MB ({r['peak_rss_delta_mb']:+.1f}), "
+              f"{r['requests_served']} requests served")  # fmt: skip
 
 
 if __name__ == "__main__":

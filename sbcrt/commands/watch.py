@@ -28,6 +28,7 @@ from sbcrt.errors import UsageError
 
 if TYPE_CHECKING:  # the watch modules load only when watch runs: `sbcrt --help` stays light
     from sbcrt.watch.events import EventRules, Rule
+    from sbcrt.watch.http import HttpSettings
     from sbcrt.watch.mqtt import MqttSettings
     from sbcrt.watch.sources import FrameSource
 
@@ -141,6 +142,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_SAVE_MAX})",
     )
     add_mqtt_arguments(p)
+    add_http_arguments(p)
 
 
 def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
@@ -191,6 +193,26 @@ def add_mqtt_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_http_arguments(p: argparse.ArgumentParser) -> None:
+    """--http*: the page, JSON API and /metrics (sbcrt/watch/http.py). Needs prometheus-client, imported only
+    when used."""
+    web = p.add_argument_group('web page and Prometheus metrics (pip install "sbcrt[http]")')
+    web.add_argument(
+        "--http",
+        metavar="[HOST:]PORT",
+        help="serve the page, /api/*, /metrics and /healthz on this port (host default 127.0.0.1: this machine "
+        "only; 0.0.0.0:8080 opens it to the network and needs --http-token)",
+    )
+    web.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help="require this token (Authorization: Bearer TOKEN, or ?token=TOKEN); default $SBCRT_HTTP_TOKEN",
+    )
+    web.add_argument(
+        "--http-insecure", action="store_true", help="allow --http beyond loopback without a token (warns)"
+    )
+
+
 # The library's names for the MQTT settings a user can get wrong -> the flags that set them.
 MQTT_FLAGS = {"ca_file": "--mqtt-ca"}
 
@@ -205,6 +227,7 @@ class WatchPlan:
     max_files: int | None
     max_bytes: int | None
     mqtt_settings: MqttSettings | None
+    http_settings: HttpSettings | None
     source: FrameSource  # not opened
 
 
@@ -230,6 +253,14 @@ def plan(args: argparse.Namespace) -> WatchPlan:
     elif any(getattr(args, flag) for flag in ("mqtt_topic", "mqtt_client_id", "mqtt_ca", "mqtt_results",
                                               "mqtt_discovery")):  # fmt: skip
         raise UsageError("the --mqtt-* options need --mqtt URL")
+    # --http (sbcrt/watch/http.py): checked here, before the model loads; served by a sink added below.
+    http_settings = None
+    if args.http is not None:
+        from sbcrt.watch.http import settings_from_args as http_settings_from_args
+
+        http_settings = http_settings_from_args(args)  # also checks that prometheus-client is installed
+    elif args.http_token or args.http_insecure:
+        raise UsageError("--http-token and --http-insecure need --http [HOST:]PORT")
     events = EventRules(rules, debounce=args.debounce, cooldown_s=args.cooldown) if rules else None
     source = parse_source(
         args.source,
@@ -242,7 +273,7 @@ def plan(args: argparse.Namespace) -> WatchPlan:
             settle_s=args.settle,
         ),
     )
-    return WatchPlan(model, rules, events, max_files, max_bytes, mqtt_settings, source)
+    return WatchPlan(model, rules, events, max_files, max_bytes, mqtt_settings, http_settings, source)
 
 
 def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:
@@ -295,6 +326,7 @@ def _run(args: argparse.Namespace) -> int:
     checked = plan(args)
     model, rules, events, source = checked.model, checked.rules, checked.events, checked.source
     max_files, max_bytes, mqtt_settings = checked.max_files, checked.max_bytes, checked.mqtt_settings
+    http_settings = checked.http_settings
 
     restore_logging = configure_logging(quiet=args.quiet)
     try:
@@ -321,6 +353,22 @@ def _run(args: argparse.Namespace) -> int:
                     labels=list(classifier.labels),
                     rules=[rule.text for rule in rules],
                     model_name=classifier.config.architecture,
+                )
+            )
+        if http_settings:  # --http: after the saver (snapshot paths) and MQTT (its counters)
+            from sbcrt.watch.http import HttpSink
+            from sbcrt.watch.mqtt import MqttSink
+
+            http_settings.live = source.live
+            mqtt = next((sink for sink in sinks if isinstance(sink, MqttSink)), None)
+            sinks.append(
+                HttpSink(
+                    http_settings,
+                    model=classifier.describe(),
+                    labels=list(classifier.labels),
+                    rules=[rule.text for rule in rules],
+                    source=source.describe(),
+                    mqtt_counters=mqtt.publisher.counters if mqtt else None,
                 )
             )
         loop = WatchLoop(
