@@ -55,8 +55,15 @@ def real_frames(photos: list[Path]) -> list[np.ndarray]:
     return frames
 
 
-def test_matmul_resampler_matches_pil_on_photos(imagenet_samples: list[tuple[Path, int]]) -> None:
-    photos = [SAMPLES / "chelsea.png", SAMPLES / "coffee.png"] + [path for path, _ in imagenet_samples[::50]]
+def test_matmul_resampler_matches_pil_on_the_repository_photos() -> None:
+    matmul_matches_pil_on([SAMPLES / "chelsea.png", SAMPLES / "coffee.png"])
+
+
+def test_matmul_resampler_matches_pil_on_shared_photos(imagenet_samples: list[tuple[Path, int]]) -> None:
+    matmul_matches_pil_on([path for path, _ in imagenet_samples[::50]])
+
+
+def matmul_matches_pil_on(photos: list[Path]) -> None:
     spec = Preprocessing(**LEVELS)
     for frame in real_frames(photos):
         largest, share = differences(frame, spec)
