@@ -31,7 +31,7 @@ from sbcrt.runtime.classifier import Classifier
 from sbcrt.watch.http import HttpSettings, HttpSink, check_exposure, parse_address
 from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sources import Frame, SourceOptions, parse_source
-from tests.watch_helpers import (
+from tests.support.watch import (
     RED_PERIOD,
     REPO,
     MjpegServer,
@@ -657,7 +657,7 @@ def test_healthz_turns_503_when_the_camera_freezes(runtime_models: dict[str, Pat
 
 def test_mqtt_counters_in_stats_and_metrics(runtime_models: dict[str, Path], imagenet_samples, tmp_path: Path) -> None:
     pytest.importorskip("paho.mqtt.client", reason='paho-mqtt is not installed (pip install "sbcrt[mqtt]")')
-    from tests.mqtt_broker import Broker
+    from tests.support.mqtt_broker import Broker
 
     broker = Broker(tmp_path / "broker").start()
     folder, out = tmp_path / "photos", tmp_path / "out.jsonl"
