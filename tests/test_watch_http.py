@@ -27,10 +27,11 @@ import numpy as np
 import pytest
 
 from sbcrt.errors import UsageError
-from sbcrt.runtime.classifier import Classifier
+from sbcrt.runtime.classifier import Classifier, Prediction
 from sbcrt.watch.http import HttpSettings, HttpSink, check_exposure, parse_address
 from sbcrt.watch.loop import LoopOptions, WatchLoop
-from sbcrt.watch.sources import Frame, SourceOptions, parse_source
+from sbcrt.watch.sources import SourceOptions, parse_source
+from sbcrt.watch.types import Frame, Record, Timing
 from tests.support.watch import (
     RED_PERIOD,
     REPO,
@@ -695,9 +696,8 @@ def test_snapshot_is_scaled_for_the_page_and_encoded_at_most_once_a_second() -> 
     def feed(number: int) -> None:
         image = np.zeros((1080, 1920, 3), np.uint8)
         image[:, : 100 + number] = (0, 0, 255)  # a red band whose width tells the frames apart
-        timing = {"capture": 1, "preprocess": 1, "inference": 1, "postprocess": 1, "total": 4}
-        record = {"frame": number, "time": "t", "source": "cam", "topk": [{"index": 0, "label": "a", "prob": 1.0}],
-                  "timing_ms": timing}  # fmt: skip
+        timing = Timing(capture=1, preprocess=1, inference=1, postprocess=1, total=4)
+        record = Record(number, "t", "cam", [Prediction(0, "a", 1.0)], timing=timing)
         sink.record(record, Frame(number, time.time(), time.perf_counter(), 0.0, "cam", image=image))
 
     try:
