@@ -256,9 +256,7 @@ def plan(args: argparse.Namespace) -> WatchPlan:
     # --http (sbcrt/watch/http.py): checked here, before the model loads; served by a sink added below.
     http_settings = None
     if args.http is not None:
-        from sbcrt.watch.http import settings_from_args as http_settings_from_args
-
-        http_settings = http_settings_from_args(args)  # also checks that prometheus-client is installed
+        http_settings = http_settings_from(args)  # also checks that prometheus-client is installed
     elif args.http_token or args.http_insecure:
         raise UsageError("--http-token and --http-insecure need --http [HOST:]PORT")
     events = EventRules(rules, debounce=args.debounce, cooldown_s=args.cooldown) if rules else None
@@ -274,6 +272,24 @@ def plan(args: argparse.Namespace) -> WatchPlan:
         ),
     )
     return WatchPlan(model, rules, events, max_files, max_bytes, mqtt_settings, http_settings, source)
+
+
+def http_settings_from(args: argparse.Namespace) -> HttpSettings:
+    """--http* -> checked HttpSettings (the token may come from $SBCRT_HTTP_TOKEN)."""
+    from sbcrt.watch.http import HttpSettings, check_settings, parse_address
+
+    host, port = parse_address(args.http)
+    token = args.http_token if args.http_token is not None else os.environ.get("SBCRT_HTTP_TOKEN") or None
+    return check_settings(
+        HttpSettings(
+            host=host,
+            port=port,
+            token=token,
+            insecure=args.http_insecure,
+            save_dir=args.save,
+            stats_interval_s=args.stats_interval,
+        )  # fmt: skip
+    )
 
 
 def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:

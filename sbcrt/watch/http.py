@@ -165,13 +165,8 @@ def load_prometheus() -> Any:
     return prometheus_client
 
 
-def settings_from_args(args: Any, env: dict[str, str] | None = None) -> HttpSettings:
-    """`watch`'s --http* flags -> settings, checked before the model loads (and prometheus-client is importable)."""
-    env = os.environ if env is None else env
-    host, port = parse_address(args.http)
-    token = args.http_token if args.http_token is not None else env.get("SBCRT_HTTP_TOKEN") or None
-    settings = HttpSettings(host=host, port=port, token=token, insecure=args.http_insecure, save_dir=args.save,
-                            stats_interval_s=args.stats_interval)  # fmt: skip
+def check_settings(settings: HttpSettings) -> HttpSettings:
+    """Checked before the model loads: the exposure rules, and that prometheus-client is importable."""
     check_exposure(settings)
     load_prometheus()
     return settings
