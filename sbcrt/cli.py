@@ -9,7 +9,7 @@ import importlib
 import sys
 
 from sbcrt import __version__
-from sbcrt.errors import SbcrtError, UsageError
+from sbcrt.errors import SbcrtError, SettingError, UsageError
 
 # Each module has `register(subparsers)` (argparse only, no heavy imports) and `run(args) -> int`.
 COMMANDS = ("export", "classify", "info", "watch", "eval", "bench", "service")
@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
+    except SettingError as exc:  # the library names its settings; the user typed flags
+        from sbcrt.commands.arguments import flag_of
+
+        print(f"sbcrt {args.command}: error: {exc.describe(flag_of)}", file=sys.stderr)
+        return 2
     except UsageError as exc:
         print(f"sbcrt {args.command}: error: {exc}", file=sys.stderr)
         return 2

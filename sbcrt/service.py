@@ -159,6 +159,10 @@ def render_unit(spec: ServiceSpec) -> str:
 # -- install / uninstall / status ------------------------------------------------------------------------------------
 
 
+class NeedsRoot(UsageError):
+    """The action changes the system's units: root only."""
+
+
 class SystemctlError(SbcrtError):
     pass
 
@@ -190,7 +194,7 @@ def systemctl(*args: str, root: Path | None = None, check: bool = True) -> subpr
 
 def require_root(action: str) -> None:
     if os.geteuid() != 0:
-        raise UsageError(f"{action} needs root: run it with sudo (or use --dry-run to see the unit)")
+        raise NeedsRoot(f"{action} needs root: run it with sudo")
 
 
 def sysusers_entry(spec: ServiceSpec) -> str:

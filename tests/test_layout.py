@@ -4,7 +4,8 @@
   sbcrt.models or torch; only commands/export.py may, inside a function (after parsing, once the user asked for it);
 - model code (sbcrt/models) knows nothing of the runtime, the camera loop, the CLI or the export stage;
 - library code (everything but sbcrt/commands, sbcrt/cli.py, sbcrt/__main__.py) never imports the CLI and never
-  prints: it returns values, raises SbcrtError and logs; the CLI parses and prints.
+  prints: it returns values, raises SbcrtError and logs; the CLI parses and prints. Its errors name no CLI flag
+  (`--save-max`): they name the library's settings (errors.SettingError), which the CLI spells as flags.
 
 An import counts wherever it is written (module level, in a function, under TYPE_CHECKING, through
 importlib.import_module or __import__ with a literal name), relative imports resolved.
@@ -13,6 +14,7 @@ importlib.import_module or __import__ with a literal name), relative imports res
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,10 @@ class Import:
 class Facts:
     imports: list[Import]
     prints: list[int]  # lines that call print()
+    flags_raised: list[int]  # lines that raise an error whose text names a command-line flag
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]+")
 
 
 def module_name(path: Path) -> str:
@@ -51,6 +57,7 @@ def read_facts(source: str, module: str, *, is_package: bool = False) -> Facts:
     package = module if is_package else module.rpartition(".")[0]
     imports: list[Import] = []
     prints: list[int] = []
+    flags_raised: list[int] = []
 
     def visit(node: ast.AST, lazy: bool) -> None:
         for child in ast.iter_child_nodes(node):
@@ -65,6 +72,12 @@ def read_facts(source: str, module: str, *, is_package: bool = False) -> Facts:
                 imports.append(Import(base, child.lineno, lazy))
                 # `from sbcrt import export` imports the submodule sbcrt.export
                 imports.extend(Import(f"{base}.{alias.name}", child.lineno, lazy) for alias in child.names)
+            elif isinstance(child, ast.Raise) and child.exc is not None:
+                texts = [
+                    n.value for n in ast.walk(child.exc) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                ]
+                if any(FLAG.search(text) for text in texts):
+                    flags_raised.append(child.lineno)
             elif isinstance(child, ast.Call):
                 name = _called_name(child.func)
                 if name == "print":
@@ -80,7 +93,7 @@ def read_facts(source: str, module: str, *, is_package: bool = False) -> Facts:
             visit(child, inner)
 
     visit(tree, False)
-    return Facts(imports, prints)
+    return Facts(imports, prints, flags_raised)
 
 
 def _called_name(func: ast.expr) -> str:
@@ -129,6 +142,7 @@ def violations(rule: str) -> list[str]:
                 continue
             out += [where(path, i.line, f"imports {i.module}") for i in facts.imports if is_under(i.module, CLI)]
             out += [where(path, line, "calls print()") for line in facts.prints]
+            out += [where(path, line, "raises an error naming a CLI flag") for line in facts.flags_raised]
     return out
 
 
@@ -150,7 +164,7 @@ def test_model_code_knows_no_runtime_loop_cli_or_export() -> None:
     assert not found, "\n".join(found)
 
 
-def test_library_code_never_imports_the_cli_or_prints() -> None:
+def test_library_code_never_imports_the_cli_prints_or_names_flags() -> None:
     found = violations("library")
     assert not found, "\n".join(found)
 
@@ -180,3 +194,56 @@ def test_the_reader_sees_prints_and_lazy_imports() -> None:
     assert facts.prints == [3] and facts.imports == [Import("sbcrt.export.pipeline", 2, True)]
     dynamic = read_facts("import importlib\nimportlib.import_module(f'sbcrt.commands.{n}')\n", "sbcrt.service")
     assert any(is_under(i.module, CLI) for i in dynamic.imports)
+
+
+def test_the_reader_sees_flags_in_raised_errors() -> None:
+    facts = read_facts('def f(x):\n    raise UsageError(f"--save-max {x!r}: bad")\n', "sbcrt.watch.sinks")
+    assert facts.flags_raised == [2]
+    named = read_facts('def f(x):\n    raise SettingError("save_max", "bad", x)\n', "sbcrt.watch.sinks")
+    assert named.flags_raised == []
+
+
+def test_a_setting_error_speaks_the_callers_vocabulary() -> None:
+    from sbcrt.commands.arguments import flag_of
+    from sbcrt.errors import SettingError
+
+    error = SettingError("stride", "applies to video files; use {fps} instead", cites=["fps"])
+    assert str(error) == "stride: applies to video files; use fps instead"
+    assert error.describe(flag_of) == "--stride: applies to video files; use --fps instead"
+    # What the user typed is quoted as given, braces and all: only declared cites are ever replaced.
+    typed = SettingError("when", "the model has no class '{fps}'", "{fps}>=0.5")
+    assert typed.describe(flag_of) == "--when '{fps}>=0.5': the model has no class '{fps}'"
+    assert flag_of("mqtt.ca_file") == "--mqtt-ca" and flag_of("http.token") == "--http-token"
+
+
+def settings_named_in_errors() -> set[str]:
+    """Every setting a library SettingError names or cites, read from the source."""
+    names = set()
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and _called_name(node.func) == "SettingError" and node.args:
+                cited = [kw.value for kw in node.keywords if kw.arg == "cites"]
+                for constant in [node.args[0], *(e for c in cited if isinstance(c, ast.List) for e in c.elts)]:
+                    assert isinstance(constant, ast.Constant), where(path, node.lineno, "a setting name not literal")
+                    names.add(constant.value)
+    return names
+
+
+def test_every_setting_an_error_names_is_a_flag_the_cli_has() -> None:
+    import argparse
+
+    from sbcrt.cli import build_parser
+    from sbcrt.commands.arguments import flag_of
+
+    flags: set[str] = set()
+    pending = [build_parser()]
+    while pending:
+        parser = pending.pop()
+        for action in parser._actions:  # argparse keeps no public list of a parser's options
+            flags.update(action.option_strings)
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    named = settings_named_in_errors()
+    assert len(named) > 20, named
+    missing = sorted(f"{name} -> {flag_of(name)}" for name in named if flag_of(name) not in flags)
+    assert not missing, missing

@@ -26,7 +26,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sbcrt.errors import UsageError
+from sbcrt.commands.arguments import flag_of
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.classifier import Classifier, Prediction
 from sbcrt.watch.http import HttpSettings, HttpSink, check_exposure, parse_address
 from sbcrt.watch.loop import LoopOptions, WatchLoop
@@ -174,15 +175,20 @@ def test_address_and_exposure_rules() -> None:
     assert parse_address("[::1]:8080") == ("::1", 8080)
     assert parse_address("pi.local:80") == ("pi.local", 80)
     for bad in ("", "http", ":8080", "1.2.3.4:99999", "[::1]8080", "::1:8080", "host:-1"):
-        with pytest.raises(UsageError, match="--http"):
+        with pytest.raises(SettingError) as caught:
             parse_address(bad)
+        assert caught.value.setting == "http.address"
+        assert caught.value.describe(flag_of).startswith(f"--http {bad.strip()!r}: ")
     assert check_exposure(HttpSettings(host="127.0.0.1")) is None
     assert check_exposure(HttpSettings(host="::1")) is None
     assert check_exposure(HttpSettings(host="localhost")) is None
     assert check_exposure(HttpSettings(host="0.0.0.0", token=TOKEN)) is None
     for open_host in ("0.0.0.0", "192.168.1.20", "::", "pi.local"):
-        with pytest.raises(UsageError, match="--http-token"):
+        with pytest.raises(SettingError) as caught:
             check_exposure(HttpSettings(host=open_host))
+        # The library names its own settings; the CLI's message names the flags a user types.
+        assert "set http.token" in str(caught.value) and "--" not in str(caught.value)
+        assert "set --http-token (or $SBCRT_HTTP_TOKEN), or say --http-insecure" in caught.value.describe(flag_of)
         warning = check_exposure(HttpSettings(host=open_host, insecure=True))
         assert "WITHOUT a token" in warning
     with pytest.raises(UsageError, match="empty"):

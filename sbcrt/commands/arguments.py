@@ -17,6 +17,21 @@ if TYPE_CHECKING:
 
 MODEL_ENV = "SBCRT_MODEL"
 
+# The library's setting names whose flag is not "--" + the name with "_" and "." as "-" (errors.SettingError).
+FLAGS = {
+    "calib_dir": "--calib",
+    "cooldown_s": "--cooldown",
+    "labels_path": "--labels",
+    "http.address": "--http",
+    "mqtt.url": "--mqtt",
+    "mqtt.ca_file": "--mqtt-ca",
+}
+
+
+def flag_of(setting: str) -> str:
+    """The command-line flag that sets a library setting: `save_max` -> `--save-max`, `mqtt.url` -> `--mqtt`."""
+    return FLAGS.get(setting) or "--" + setting.replace("_", "-").replace(".", "-")
+
 
 def number(kind: type[int] | type[float], *, minimum: float = 1, strict: bool = False) -> Callable[[str], float]:
     """An argparse type: a whole number (`int`) or a finite number (`float`) at least `minimum` (above it when

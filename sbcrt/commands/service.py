@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
         service.check_name(args.name)
         service.check_user(args.user)
         if root is None and not args.dry_run:
-            service.require_root("sbcrt service install")  # before checking the model: sudo is the first fix
+            try:  # before checking the model: sudo is the first fix
+                service.require_root("sbcrt service install")
+            except service.NeedsRoot as exc:
+                raise UsageError(f"{exc} (or use --dry-run to see the unit)") from None
         spec = prepare(args.name, args.watch_line, user=args.user, root=root)
         if not any(word == "--jsonl" or word.startswith("--jsonl=") for word in spec.command):
             print("sbcrt service: note: no --jsonl: every record goes to the journal", file=sys.stderr)
@@ -103,31 +106,33 @@ class Given:
     kind: Any
 
 
-def _recording(given: list[Given]) -> dict[str, type[argparse.Action]]:
-    """Action classes that record every argument, in command-line order, with its raw words: argparse itself
-    resolves `-mFILE`, `--mod FILE`, `--heart=FILE` and `--` to the action they belong to."""
+def _recording(given: list[Given]) -> dict[str | None, type[argparse.Action]]:
+    """Action classes that record every argument, in command-line order, with its raw words instead of storing
+    it: argparse itself resolves `-mFILE`, `--mod FILE`, `--heart=FILE` and `--` to the action they belong to.
+    watch's options use the store, store_true and append actions only; an unknown one fails loudly here."""
 
-    def recorder(base: type[argparse.Action]) -> type[argparse.Action]:
-        class Recorder(base):  # type: ignore[misc, valid-type]
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                self.kind, self.type, self.choices = self.type, None, None  # the words as typed, checked elsewhere
+    class RecordValues(argparse.Action):
+        def __init__(self, option_strings: list[str], dest: str, type: Any = None, **kwargs: Any) -> None:  # noqa: A002
+            kwargs.pop("choices", None)  # the words as typed: watch's own parse checks them
+            super().__init__(option_strings, dest, **kwargs)
+            self.kind = type
 
-            def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
-                words = values if isinstance(values, list) else [] if values is None else [values]
-                given.append(Given(option_string or "", [str(word) for word in words], self.kind))
+        def __call__(self, parser: Any, namespace: Any, values: Any, option_string: str | None = None) -> None:
+            words = values if isinstance(values, list) else [] if values is None else [values]
+            given.append(Given(option_string or "", [str(word) for word in words], self.kind))
 
-        return Recorder
+    class RecordFlag(RecordValues):
+        def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+            super().__init__(option_strings, dest, nargs=0, **kwargs)
 
-    return {
-        name: recorder(base)
-        for name, base in (
-            (None, argparse._StoreAction),
-            ("store", argparse._StoreAction),
-            ("store_true", argparse._StoreTrueAction),
-            ("append", argparse._AppendAction),
-        )
+    class Unrecorded(argparse.Action):
+        def __init__(self, option_strings: list[str], *args: Any, **kwargs: Any) -> None:
+            raise TypeError(f"watch option {option_strings}: an action the service's recorder does not know")
+
+    recorders: dict[str | None, type[argparse.Action]] = {
+        name: Unrecorded for name in ("store_const", "store_false", "append_const", "count", "extend")
     }
+    return recorders | {None: RecordValues, "store": RecordValues, "append": RecordValues, "store_true": RecordFlag}
 
 
 def watch_parser(given: list[Given] | None = None) -> argparse.ArgumentParser:

@@ -20,7 +20,7 @@ import onnx
 import torch
 
 from sbcrt import __version__
-from sbcrt.errors import SbcrtError, UsageError
+from sbcrt.errors import SbcrtError, SettingError, UsageError
 from sbcrt.export import graph, quantize
 from sbcrt.export.arm_forms import rewrite_depthwise
 from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
@@ -147,7 +147,12 @@ def export_model(
     if target not in ("any", "arm64"):
         raise UsageError(f"target must be 'any' or 'arm64', not {target!r}")
     if target == "arm64" and int8:
-        raise UsageError("--target arm64 is fp32 only (the int8 graph already runs onnxruntime's direct kernels)")
+        raise SettingError(
+            "target",
+            "arm64 is fp32 only: drop {int8} (the int8 graph already runs onnxruntime's direct kernels)",
+            target,
+            cites=["int8"],
+        )
     # Before any of the slow work: a read-only or full place should fail now, not after a minute of exporting.
     check_writable(output)
     if int8 and calib_dir is None:
@@ -239,7 +244,11 @@ def _load_model(
         return model, f"random (seed {seed}), UNTRAINED: for speed tests only", ""
     if checkpoint is None:
         if spec.default_weights is None:
-            raise UsageError(f"{spec.name} needs weights: {spec.weights_hint}, or --random-init for speed tests")
+            raise SettingError(
+                "checkpoint",
+                f"{spec.name} needs weights: {spec.weights_hint}, or {{random_init}} for speed tests",
+                cites=["random_init"],
+            )
         try:
             checkpoint = spec.default_weights()
         except WeightsUnavailable as exc:
@@ -261,7 +270,8 @@ def _labels(num_classes: int, labels_path: Path | None, notes: list[str]) -> lis
     if num_classes == 1000:
         return imagenet_labels()
     notes.append(
-        f"the model has {num_classes} classes and no --labels: they are named class_0 .. class_{num_classes - 1}"
+        f"the model has {num_classes} classes and no labels were given: "
+        f"they are named class_0 .. class_{num_classes - 1}"
     )
     return indexed_labels(num_classes)
 
@@ -290,7 +300,7 @@ def _verification_photos(extra_dir: Path | None) -> list[Path]:
     photos = [Path(str(samples.joinpath(name))) for name in ("chelsea.png", "coffee.png")]
     if extra_dir is not None:
         if not Path(extra_dir).is_dir():
-            raise UsageError(f"--verify-images: {extra_dir} is not a folder")
+            raise SettingError("verify_images", f"{extra_dir} is not a folder")
         photos += folder_images(Path(extra_dir))[:MAX_VERIFY_IMAGES]
     return photos
 

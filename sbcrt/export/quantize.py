@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError
 from sbcrt.runtime.evaluation import LogitComparison
 from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
 from sbcrt.runtime.images import open_image
@@ -55,7 +55,7 @@ class Int8Agreement:
 
     def render(self) -> str:
         if not self.photos:
-            return "no holdout photos: every photo in --calib was used for calibration"
+            return "no holdout photos: every calibration photo was used to calibrate"
         return (
             f"{self.photos} holdout photos: top-1 agreement {self.top1_agreement:.3f}, "
             f"logit cosine {self.cosine:.4f}, relative L2 error {self.relative_l2_error:.3f}"
@@ -65,12 +65,12 @@ class Int8Agreement:
 def split_photos(folder: Path, count: int) -> tuple[list[Path], list[Path]]:
     """A seeded shuffle of the folder's images: the first `count` calibrate, up to MAX_HOLDOUT of the rest check."""
     if not Path(folder).is_dir():
-        raise UsageError(f"--calib: {folder} is not a folder of photos")
+        raise SettingError("calib_dir", f"{folder} is not a folder of photos")
     if count < 1:
-        raise UsageError("--calib-count must be at least 1")
+        raise SettingError("calib_count", "must be at least 1", count)
     photos = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not photos:
-        raise UsageError(f"--calib: no photos (.jpg, .png, ...) in {folder}")
+        raise SettingError("calib_dir", f"no photos (.jpg, .png, ...) in {folder}")
     random.Random(SPLIT_SEED).shuffle(photos)
     return photos[:count], photos[count : count + MAX_HOLDOUT]
 
@@ -100,7 +100,7 @@ def quantize_int8(
     node_names = {n.name for n in fp32.graph.node}
     unknown = [name for name in keep_fp32 or [] if name not in node_names]
     if unknown:
-        raise UsageError(f"--keep-fp32: no node named {', '.join(unknown)} in the model")
+        raise SettingError("keep_fp32", "no such node in the model", ", ".join(unknown))
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:

@@ -62,7 +62,7 @@ def _sbcformer(variant: str) -> Architecture:
         name=f"sbcformer_{variant}",
         build=lambda num_classes: sbcformer.build(variant, num_classes).eval(),
         classifier_key=sbcformer.SBCFormer.classifier_key,
-        weights_hint=f"--checkpoint SBCFormer_{variant.upper()}.pth (the authors' or a fine-tuned checkpoint)",
+        weights_hint=f"a checkpoint such as SBCFormer_{variant.upper()}.pth (the authors' or a fine-tuned one)",
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.images import (
     ImageError,
     ImageSource,
@@ -207,9 +207,10 @@ class Classifier:
             return list(labels)
         if self.config.labels:
             if len(self.config.labels) != self.num_classes:
-                raise UsageError(
-                    f"model {self.path}: metadata has {len(self.config.labels)} labels for "
-                    f"{self.num_classes} outputs; pass --labels"
+                raise SettingError(
+                    "labels",
+                    f"model {self.path}: its metadata has {len(self.config.labels)} labels for {self.num_classes} "
+                    f"outputs; give {self.num_classes} labels",
                 )
             return list(self.config.labels)
         if self.num_classes == 1000:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError
 from sbcrt.watch.types import Event, Record
 
 if TYPE_CHECKING:
@@ -40,16 +40,16 @@ def parse_rule(text: str) -> Rule:
     """`label[,label...]>=p` with 0 < p <= 1; raises UsageError naming what is wrong."""
     match = RULE.match(text.strip())
     if not match:
-        raise UsageError(f'--when {text!r}: expected "label[,label...]>=probability", e.g. "fox,coyote>=0.6"')
+        raise SettingError("when", 'expected "label[,label...]>=probability", e.g. "fox,coyote>=0.6"', text)
     labels = tuple(label.strip() for label in match["labels"].split(","))
     if not all(labels):
-        raise UsageError(f"--when {text!r}: an empty label (check the commas)")
+        raise SettingError("when", "an empty label (check the commas)", text)
     try:
         threshold = float(match["threshold"])
     except ValueError:
-        raise UsageError(f"--when {text!r}: {match['threshold']!r} is not a probability") from None
+        raise SettingError("when", f"{match['threshold']!r} is not a probability", text) from None
     if not 0.0 < threshold <= 1.0 or math.isnan(threshold):
-        raise UsageError(f"--when {text!r}: the probability must be above 0 and at most 1")
+        raise SettingError("when", "the probability must be above 0 and at most 1", text)
     return Rule(labels, threshold, f"{','.join(labels)}>={match['threshold']}")
 
 
@@ -64,9 +64,9 @@ class EventRules:
 
     def __init__(self, rules: Sequence[Rule], *, debounce: int = 2, cooldown_s: float = 60.0) -> None:
         if debounce < 1:
-            raise UsageError("--debounce must be at least 1")
+            raise SettingError("debounce", "must be at least 1", debounce)
         if cooldown_s < 0:
-            raise UsageError("--cooldown cannot be negative")
+            raise SettingError("cooldown_s", "cannot be negative", cooldown_s)
         self.rules = list(rules)
         self.debounce = debounce
         self.cooldown_s = cooldown_s
@@ -84,7 +84,7 @@ class EventRules:
                 if label not in known:
                     close = difflib.get_close_matches(label, list(known), n=3)
                     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-                    raise UsageError(f"--when {rule.text!r}: the model has no class {label!r}{hint}")
+                    raise SettingError("when", f"the model has no class {label!r}{hint}", rule.text)
 
     def update(self, ranked: Sequence[Prediction], record: Record, media_time: float) -> list[Event]:
         """Feed one processed frame (its ranked classes, best first, and its record); the events that fire."""

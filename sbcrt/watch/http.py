@@ -54,7 +54,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from sbcrt import __version__
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.watch.sinks import FrameSaver, Sink
 from sbcrt.watch.types import Event, Frame, Record
 
@@ -129,30 +129,35 @@ def parse_address(text: str) -> tuple[str, int]:
     if text.startswith("["):
         end = text.find("]")
         if end < 0 or text[end + 1 : end + 2] != ":":
-            raise UsageError(f"--http {text!r}: expected [IPv6]:PORT, e.g. [::1]:8080")
+            raise SettingError("http.address", "expected [IPv6]:PORT, e.g. [::1]:8080", text)
         host, port_text = text[1:end], text[end + 2 :]
     elif ":" in text:
         host, port_text = text.rsplit(":", 1)
         if not host or ":" in host:
-            raise UsageError(f"--http {text!r}: expected [HOST:]PORT, e.g. 8080 or 0.0.0.0:8080 ([::]:8080 for IPv6)")
+            raise SettingError(
+                "http.address", "expected [HOST:]PORT, e.g. 8080 or 0.0.0.0:8080 ([::]:8080 for IPv6)", text
+            )
     if not port_text.isdigit() or int(port_text) > 65535:
-        raise UsageError(f"--http {text!r}: the port must be a number from 0 to 65535")
+        raise SettingError("http.address", "the port must be a number from 0 to 65535", text)
     return host, int(port_text)
 
 
 def check_exposure(settings: HttpSettings) -> str | None:
-    """Refuses an open port without a token; returns the warning to log when --http-insecure allows one."""
+    """Refuses an open port without a token; returns the warning to log when `insecure` allows one."""
     if settings.token is not None and not settings.token.strip():
-        raise UsageError("--http-token: the token is empty")
+        raise SettingError("http.token", "the token is empty")
     if settings.loopback or settings.token:
         return None
     if not settings.insecure:
-        raise UsageError(
-            f"--http {settings.host}:{settings.port} listens beyond this machine: set --http-token "
-            "(or $SBCRT_HTTP_TOKEN), or say --http-insecure to serve it to anyone who can reach the port"
+        raise SettingError(
+            "http.address",
+            "listens beyond this machine: set {http.token} (or $SBCRT_HTTP_TOKEN), or say {http.insecure} to "
+            "serve it to anyone who can reach the port",
+            f"{settings.host}:{settings.port}",
+            cites=["http.token", "http.insecure"],
         )
     return (
-        f"http: serving {settings.host}:{settings.port} WITHOUT a token (--http-insecure): anyone who can reach "
+        f"http: serving {settings.host}:{settings.port} WITHOUT a token (insecure on request): anyone who can reach "
         "this port sees the camera's frames and saved snapshots"
     )
 
@@ -601,7 +606,9 @@ class _Server(http.server.ThreadingHTTPServer):
         try:
             super().__init__((settings.host, settings.port), _Handler)
         except OSError as exc:
-            raise UsageError(f"--http {settings.host}:{settings.port}: cannot listen: {exc.strerror or exc}") from None
+            raise SettingError(
+                "http.address", f"cannot listen: {exc.strerror or exc}", f"{settings.host}:{settings.port}"
+            ) from None
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look up the host's FQDN: seconds on an offline board whose DNS is gone.

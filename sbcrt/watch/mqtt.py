@@ -42,7 +42,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from sbcrt import __version__
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.watch.sinks import FailureLog, Sink
 from sbcrt.watch.types import Event, Frame, Record
 from sbcrt.watch.urls import redact_url
@@ -98,7 +98,7 @@ def clean_topic_level(text: str) -> str:
 def check_topic(topic: str) -> str:
     topic = topic.strip().strip("/")
     if not topic or any(c in topic for c in "+#\0") or "//" in topic:
-        raise UsageError(f"--mqtt-topic {topic!r}: a topic without wildcards (+ #) or empty levels, e.g. farm/pen3")
+        raise SettingError("mqtt.topic", "a topic without wildcards (+ #) or empty levels, e.g. farm/pen3", topic)
     return topic
 
 
@@ -109,19 +109,21 @@ def parse_mqtt_url(url: str, env: dict[str, str] | None = None) -> MqttSettings:
     env = os.environ if env is None else env
     parts = urlsplit(url.strip())
     if parts.scheme not in DEFAULT_PORTS:
-        raise UsageError(f"--mqtt: expected mqtt://host[:port] or mqtts://host[:port], got {redact_url(url)!r}")
+        raise SettingError("mqtt.url", f"expected mqtt://host[:port] or mqtts://host[:port], got {redact_url(url)!r}")
     try:
         port = parts.port or DEFAULT_PORTS[parts.scheme]
     except ValueError:
-        raise UsageError(f"--mqtt {redact_url(url)!r}: the port must be a number from 1 to 65535") from None
+        raise SettingError("mqtt.url", "the port must be a number from 1 to 65535", redact_url(url)) from None
     if not parts.hostname:
-        raise UsageError(f"--mqtt {redact_url(url)!r}: no broker host")
+        raise SettingError("mqtt.url", "no broker host", redact_url(url))
     if parts.path not in ("", "/") or parts.query:
-        raise UsageError(f"--mqtt {redact_url(url)!r}: no path or query expected (the topic is --mqtt-topic)")
+        raise SettingError(
+            "mqtt.url", "no path or query expected (the topic is {mqtt.topic})", redact_url(url), cites=["mqtt.topic"]
+        )
     username = unquote(parts.username) if parts.username else env.get("SBCRT_MQTT_USERNAME") or None
     password = unquote(parts.password) if parts.password is not None else env.get("SBCRT_MQTT_PASSWORD") or None
     if password and not username:
-        raise UsageError("--mqtt: a password without a user name (set it in the URL or $SBCRT_MQTT_USERNAME)")
+        raise SettingError("mqtt.url", "a password without a user name (set it in the URL or $SBCRT_MQTT_USERNAME)")
     return MqttSettings(host=parts.hostname, port=port, tls=parts.scheme == "mqtts", username=username,
                         password=password)  # fmt: skip
 
@@ -177,7 +179,7 @@ class MqttPublisher:
             try:
                 client.tls_set(ca_certs=str(settings.ca_file) if settings.ca_file else None)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-                raise UsageError(f"--mqtt-ca {settings.ca_file}: {exc}") from None
+                raise SettingError("mqtt.ca_file", str(exc), str(settings.ca_file)) from None
         client.will_set(self.topic("available"), b"offline", qos=max(settings.qos, 1), retain=True)
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.on_connect = self._on_connect

@@ -33,7 +33,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError
 from sbcrt.watch.stats import format_stats
 from sbcrt.watch.types import Event, Frame, Record
 
@@ -378,21 +378,21 @@ class HeartbeatSink(Sink):
 
 
 def parse_save_limits(values: list[str]) -> tuple[int | None, int | None]:
-    """--save-max values -> (max files, max bytes). A plain number is a file count; a number with a unit
+    """Save limits -> (max files, max bytes). A plain number is a file count; a number with a unit
     (500MB, 2GB, 1.5GiB) is a size. Values may be repeated or comma-separated: "500,2GB"."""
     max_files = max_bytes = None
     for value in values:
         for part in filter(None, (p.strip() for p in value.split(","))):
             match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([A-Za-z]*)", part)
             if not match or match[2].lower() not in SIZE_UNITS:
-                raise UsageError(f"--save-max {part!r}: expected a file count (500) or a size (500MB, 2GB)")
+                raise SettingError("save_max", "expected a file count (500) or a size (500MB, 2GB)", part)
             number, unit = float(match[1]), match[2].lower()
             if not unit:
                 if not number.is_integer() or number < 1:
-                    raise UsageError(f"--save-max {part!r}: a file count is a whole number from 1")
+                    raise SettingError("save_max", "a file count is a whole number from 1", part)
                 max_files = int(number)
             else:
                 if number <= 0:
-                    raise UsageError(f"--save-max {part!r}: a size must be positive")
+                    raise SettingError("save_max", "a size must be positive", part)
                 max_bytes = int(number * SIZE_UNITS[unit])
     return max_files, max_bytes

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.image_files import IMAGE_EXTENSIONS
 from sbcrt.watch.types import Frame
 from sbcrt.watch.urls import redact_url
@@ -312,7 +312,7 @@ class VideoFileSource(FrameSource):
         fps = capture.get(cv2.CAP_PROP_FPS)
         self._video_fps = fps if fps and math.isfinite(fps) and fps > 0 else 0.0
         if self._sample_fps and not self._video_fps:
-            log.warning("%s: the file does not say its frame rate; --fps assumes 30", self.name)
+            log.warning("%s: the file does not say its frame rate; sampling assumes 30 fps", self.name)
             self._video_fps = 30.0
         self._position, self._next_sample_s = 0, 0.0
 
@@ -522,11 +522,13 @@ def parse_source(text: str, options: SourceOptions) -> FrameSource:
 def _check_options(source: FrameSource, options: SourceOptions) -> None:
     kind = source.kind
     if options.stride and kind != "video":
-        raise UsageError("--stride applies to video files; use --fps to cap the rate of other sources")
+        raise SettingError(
+            "stride", "applies to video files; use {fps} to cap the rate of other sources", cites=["fps"]
+        )
     if options.resolution and kind not in ("camera", "picamera2"):
-        raise UsageError("--resolution applies to cameras (an index, /dev/videoN or picamera2)")
+        raise SettingError("resolution", "applies to cameras (an index, /dev/videoN or picamera2)")
     if options.new_only and kind not in ("folder", "glob"):
-        raise UsageError("--new-only applies to folders and globs")
+        raise SettingError("new_only", "applies to folders and globs")
 
 
 def import_cv2() -> Any:
