@@ -111,10 +111,12 @@ def main() -> None:
     parser.add_argument("--rss-model", type=Path, help="a second model for the --http runs (SBCFormer-B)")
     args = parser.parse_args()
 
+    photos = sorted(args.photos.glob("*.JPEG"))[:30]
+    if not photos:
+        parser.error(f"--photos {args.photos}: no *.JPEG photos (the shared ImageNet photos: set SBCRT_SHARED)")
     work = Path(tempfile.mkdtemp(prefix="sbcrt-watch-bench-"))
     model = args.model or export_lite0(work)
     if args.http_only:
-        photos = sorted(args.photos.glob("*.JPEG"))[:30]
         report = {"cpu": machine_info()["cpu"], "http": http_report(model, args.rss_model, photos, work, args)}
         out = args.out.with_name(args.out.stem + "_http.json")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +125,6 @@ def main() -> None:
         print(f"\nwritten {out}")
         return
     classifier = Classifier(model, threads=args.threads, spin=False, cache_dir=False)
-    photos = sorted(args.photos.glob("*.JPEG"))[:30]
     frames = photo_frames(photos, SIZE_1080P)
     report: dict = {
         "model": str(model),

@@ -29,7 +29,7 @@ import pytest
 from sbcrt.commands.arguments import flag_of
 from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.classifier import Classifier, Prediction
-from sbcrt.watch.http import HttpSettings, HttpSink, check_exposure, parse_address
+from sbcrt.watch.http import PAGE_WIDTH, HttpSettings, HttpSink, check_exposure, parse_address
 from sbcrt.watch.loop import LoopOptions, WatchLoop
 from sbcrt.watch.sources import SourceOptions, parse_source
 from sbcrt.watch.types import Frame, Record, Timing
@@ -221,6 +221,18 @@ def test_cli_refuses_what_it_should(runtime_models: dict[str, Path], tmp_path: P
         taken.listen()
         done = watch("--http", f"127.0.0.1:{taken.getsockname()[1]}")
     assert done.returncode == 2 and "cannot listen" in done.stderr and "Traceback" not in done.stderr
+    # ... and before the model loads: a broken model file is not even read (a model load costs seconds on a Pi).
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = watch("--http", f"127.0.0.1:{port}", "--model", str(broken))
+    assert done.returncode == 2 and done.stderr.startswith(
+        f"sbcrt watch: error: --http '127.0.0.1:{port}': cannot listen"
+    )
+    assert "ONNX" not in done.stderr
     # Without prometheus-client installed (its import fails), --http says what to install.
     blocked = tmp_path / "blocked"
     blocked.mkdir()
@@ -711,7 +723,7 @@ def test_snapshot_is_scaled_for_the_page_and_encoded_at_most_once_a_second() -> 
         feed(1)
         status, headers, first = get(port, "/snapshot.jpg")
         assert status == 200 and headers["X-Frame"] == "1"
-        assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == (720, 1280, 3)
+        assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == (1080 * PAGE_WIDTH // 1920, PAGE_WIDTH, 3)
         _, headers, full = get(port, "/snapshot.jpg?full=1")
         assert cv2.imdecode(np.frombuffer(full, np.uint8), cv2.IMREAD_COLOR).shape == (1080, 1920, 3)
         feed(2)  # a new frame within the second: the encoding of frame 1 is served again

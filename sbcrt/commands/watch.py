@@ -345,7 +345,12 @@ def _run(args: argparse.Namespace) -> int:
     http_settings = checked.http_settings
 
     restore_logging = configure_logging(quiet=args.quiet)
+    listener = None
     try:
+        if http_settings:  # the port first: a port in use should not cost a model load to find out
+            from sbcrt.watch.http import open_listener
+
+            listener = open_listener(http_settings)
         classifier = load_classifier(args, model)
         log = logging.getLogger("sbcrt.watch")
         for note in classifier.notes:
@@ -385,8 +390,10 @@ def _run(args: argparse.Namespace) -> int:
                     rules=[rule.text for rule in rules],
                     source=source.describe(),
                     mqtt_counters=mqtt.publisher.counters if mqtt else None,
+                    listener=listener,
                 )
             )
+            listener = None  # the sink's now: it closes it
         loop = WatchLoop(
             source,
             classifier,
@@ -404,6 +411,8 @@ def _run(args: argparse.Namespace) -> int:
         finally:
             restore_signals()
     finally:
+        if listener is not None:  # start-up failed before the sink took it
+            listener.close()
         restore_logging()
     return 0
 
