@@ -4,15 +4,29 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 BUILD ?= build
 
-.PHONY: setup test lint demo clean
+# This machine kind's pip configuration names local index folders that hold only some projects; for every other
+# one pip prints "Location ... is ignored: it is neither a file nor a directory". Only those lines are dropped.
+PIP_QUIET := grep -v "is ignored: it is neither a file nor a directory" >&2 || true
+
+.PHONY: setup test lint demo clean lock
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+# The venv is exactly requirements.lock (every package, pip and the build backend included, hash-checked), then
+# sbcrt itself, editable, built by the locked setuptools. Made anew when the lock changes, so nothing outlives it.
+# setuptools' "Editable installation" notice (10 lines on every install, about folders named like the package in
+# the working directory) is silenced; its other warnings still show (tests/test_packaging.py keeps them at none).
+$(VENV)/.installed: requirements.lock setup.cfg pyproject.toml
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[export,mqtt,http,dev]"
+	bash -o pipefail -c '$(BIN)/pip install --quiet --require-hashes --no-deps -r requirements.lock 2>&1 | { $(PIP_QUIET); }'
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Compile the lock files from setup.cfg and constraints.in (tools/lock.py, with the locked uv). Keeps every
+# version the inputs still allow; UPGRADE=1 takes the newest of everything, UPGRADE=NAME of one package.
+lock: setup
+	$(BIN)/python tools/lock.py $(if $(filter 1,$(UPGRADE)),--upgrade,$(if $(UPGRADE),--upgrade-package $(UPGRADE)))
 
 lint: setup
 	$(BIN)/ruff check .

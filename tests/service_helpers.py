@@ -4,6 +4,7 @@ would (a missing one is refused) and refuses paths under /tmp (the unit's Privat
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,3 +33,16 @@ def barn_model(path: Path) -> Path:
     """A small real model whose classes include "fox"."""
     path.parent.mkdir(parents=True, exist_ok=True)
     return build_onnx(path, "conv", config={"architecture": "barn", "labels": ["hen", "fox", "rat", "cat"]})
+
+
+def sbcrt_script(folder: Path, root: Path | None = None) -> Path:
+    """An executable sbcrt outside /tmp, for `service install --executable`: by default a unit runs the installing
+    checkout's sbcrt, which install refuses when the checkout is under /tmp (PrivateTmp hides it), so the tests
+    name this one and pass wherever the repo is. Under `root` the same path is made inside the image as well:
+    install checks it there, systemd-analyze on this machine checks it here."""
+    script = folder / "bin" / "sbcrt"
+    for path in [script] if root is None else [script, root / script.relative_to("/")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'#!/bin/sh\nexec {sys.executable} -m sbcrt "$@"\n')
+        path.chmod(0o755)
+    return script

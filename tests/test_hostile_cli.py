@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service_helpers import barn_model, scratch_folder
+from tests.service_helpers import barn_model, sbcrt_script, scratch_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "sbcrt" / "data" / "samples"
@@ -49,6 +49,13 @@ def scratch() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def barn(scratch: Path) -> Path:
     return barn_model(scratch / "models" / "barn.onnx")
+
+
+@pytest.fixture(scope="module")
+def install(scratch: Path) -> list[str]:
+    """`service install --name pen3` with an sbcrt outside /tmp for the unit (this checkout's may be under /tmp,
+    which install refuses: tested by test_a_venv_under_tmp_is_refused)."""
+    return ["service", "install", "--name", "pen3", "--executable", str(sbcrt_script(scratch))]
 
 
 # -- D6: a file name the locale cannot encode ------------------------------------------------------------------
@@ -96,9 +103,11 @@ def test_a_file_name_invalid_in_the_locale_is_printed_and_the_rest_still_classif
 # -- D9, D12: install refuses what watch would refuse, in one line ---------------------------------------------
 
 
-def test_install_refuses_every_line_watch_would_refuse_at_start_in_one_line(barn: Path, scratch: Path) -> None:
+def test_install_refuses_every_line_watch_would_refuse_at_start_in_one_line(
+    barn: Path, scratch: Path, install: list[str]
+) -> None:
     good = ["watch", "0", "--model", str(barn), "--when", "fox>=0.6"]
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *good)
+    done = sbcrt(*install, "--dry-run", "--", *good)
     assert done.returncode == 0, done.stderr  # the refusals below are about what changed, not the rest
     refused = {
         ("--when", "fox>=2"): "the probability must be above 0 and at most 1",
@@ -111,21 +120,21 @@ def test_install_refuses_every_line_watch_would_refuse_at_start_in_one_line(barn
         ("--modle", "x.onnx"): "unrecognized arguments: --modle",
     }
     for extra, message in refused.items():
-        done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *good, *extra)
+        done = sbcrt(*install, "--dry-run", "--", *good, *extra)
         assert done.returncode == 2 and message in done.stderr, (extra, done.stderr)
         errors = [line for line in done.stderr.splitlines() if "error" in line]
         # D12: one line, named after the command, not after the argv list argparse was handed.
         assert len(errors) == 1 and errors[0].startswith("sbcrt service: error: "), (extra, done.stderr)
         assert "['--'" not in done.stderr and "usage:" not in done.stderr and "Traceback" not in done.stderr
     stream = ["watch", "rtps://camera/stream", "--model", str(barn)]
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *stream)
+    done = sbcrt(*install, "--dry-run", "--", *stream)
     assert done.returncode == 2 and "unsupported stream rtps://" in done.stderr, done.stderr
     missing = ["watch", "0", "--model", str(scratch / "models" / "gone.onnx")]
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *missing)
+    done = sbcrt(*install, "--dry-run", "--", *missing)
     assert done.returncode == 2 and "gone.onnx: no such file" in done.stderr, done.stderr
     not_a_model = scratch / "models" / "notes.onnx"
     not_a_model.write_text("not a model\n")
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", "watch", "0", "--model", str(not_a_model))
+    done = sbcrt(*install, "--dry-run", "--", "watch", "0", "--model", str(not_a_model))
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     # The same lines are what `watch` itself refuses, with the same words (checked for two of them).
     for extra, message in [(("--when", "wolf>=0.5"), "no class 'wolf'"), (("--save-max", "10XB"), "10XB")]:
@@ -133,12 +142,13 @@ def test_install_refuses_every_line_watch_would_refuse_at_start_in_one_line(barn
         assert watch.returncode == 2 and message in watch.stderr, watch.stderr
 
 
-def test_install_nothing_is_written_for_a_refused_line_on_an_image(tmp_path: Path, barn: Path) -> None:
+def test_install_nothing_is_written_for_a_refused_line_on_an_image(tmp_path: Path, scratch: Path, barn: Path) -> None:
     if shutil.which("systemctl") is None:
         pytest.skip("systemctl is not installed")
     root = tmp_path / "image"
-    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--", "watch", "0", "--model",
-                 str(barn), "--when", "fox>=0.6")  # fmt: skip
+    exe = sbcrt_script(scratch, root)
+    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--executable", str(exe), "--", "watch",
+                 "0", "--model", str(barn), "--when", "fox>=0.6")  # fmt: skip
     # Under --root the model is the image's: this one exists only on the host.
     assert done.returncode == 2 and "no such file" in done.stderr, done.stderr
     assert not (root / "etc/systemd/system/sbcrt-pen3.service").exists()
@@ -147,13 +157,13 @@ def test_install_nothing_is_written_for_a_refused_line_on_an_image(tmp_path: Pat
 # -- D10: glued and abbreviated options become absolute too ----------------------------------------------------
 
 
-def test_glued_and_abbreviated_path_options_become_absolute(scratch: Path, barn: Path) -> None:
+def test_glued_and_abbreviated_path_options_become_absolute(scratch: Path, barn: Path, install: list[str]) -> None:
     work = scratch / "d10"
     barn_model(work / "barn.onnx")
     (work / "labels.txt").write_text("hen\nfox\nrat\ncat\n")
     line = ["watch", "0", "-mbarn.onnx", "--lab", "labels.txt", "--heart", "hb/beat", "--json=out/r.jsonl",
             "--when", "fox>=0.6", "--save=alerts"]  # fmt: skip
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *line, cwd=work)
+    done = sbcrt(*install, "--dry-run", "--", *line, cwd=work)
     assert done.returncode == 0, done.stderr
     argv = exec_start(done.stdout)
     assert argv[argv.index("watch") :] == [
@@ -167,11 +177,13 @@ def test_glued_and_abbreviated_path_options_become_absolute(scratch: Path, barn:
 # -- D11: PrivateTmp hides /tmp from the service -----------------------------------------------------------------
 
 
-def test_paths_under_tmp_are_refused_because_the_unit_hides_them(tmp_path: Path, barn: Path) -> None:
+def test_paths_under_tmp_are_refused_because_the_unit_hides_them(
+    tmp_path: Path, barn: Path, install: list[str]
+) -> None:
     hidden = barn_model(tmp_path / "barn.onnx")
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", "watch", "0", "--model", str(hidden))
+    done = sbcrt(*install, "--dry-run", "--", "watch", "0", "--model", str(hidden))
     assert done.returncode == 2 and str(hidden) in done.stderr and "PrivateTmp" in done.stderr, done.stderr
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", "watch", "0", "--model", str(barn),
+    done = sbcrt(*install, "--dry-run", "--", "watch", "0", "--model", str(barn),
                  "--jsonl", "/var/tmp/pen3.jsonl")  # fmt: skip
     assert done.returncode == 2 and "/var/tmp" in done.stderr and "PrivateTmp" in done.stderr, done.stderr
 
@@ -198,8 +210,9 @@ def test_an_image_gets_a_sysusers_entry_that_creates_the_service_user(tmp_path: 
     root = tmp_path / "image"
     model = Path("/opt/models/barn.onnx")
     barn_model(root / model.relative_to("/"))
-    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--", "watch", "0", "--model",
-                 str(model), "--when", "fox>=0.6", "--jsonl", "/srv/pen3/out.jsonl")  # fmt: skip
+    exe = sbcrt_script(scratch, root)
+    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--executable", str(exe), "--", "watch",
+                 "0", "--model", str(model), "--when", "fox>=0.6", "--jsonl", "/srv/pen3/out.jsonl")  # fmt: skip
     assert done.returncode == 0, done.stderr
     unit = (root / "etc/systemd/system/sbcrt-pen3.service").read_text()
     user = unit_settings(unit)["User"]

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 from sbcrt.commands.service import prepare
 from sbcrt.errors import UsageError
 from sbcrt.service import check_name, render_unit, systemd_quote
-from tests.service_helpers import barn_model, scratch_folder
+from tests.service_helpers import barn_model, sbcrt_script, scratch_folder
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,12 @@ def scratch() -> Iterator[Path]:
 def WATCH(scratch: Path) -> list[str]:  # noqa: N802 (was a constant; a fixture now that the model must exist)
     model = barn_model(scratch / "opt/models/barn.onnx")
     return ["watch", "0", "--model", str(model), "--when", "fox>=0.6", "--mqtt", "mqtt://broker.local"]
+
+
+@pytest.fixture(scope="module")
+def exe(scratch: Path) -> Path:
+    """The sbcrt the units run (--executable): one outside /tmp, wherever this checkout is."""
+    return sbcrt_script(scratch)
 
 
 def sbcrt(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -57,9 +64,9 @@ def verify(unit_text: str, folder: Path, name: str = "sbcrt-test.service") -> st
     return (done.stdout + done.stderr).strip() + ("" if done.returncode == 0 else f"\n(exit {done.returncode})")
 
 
-def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path, WATCH: list[str]) -> None:  # noqa: N803
-    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--", *WATCH, "--jsonl", "/srv/pen3/out.jsonl",
-                 "--save", "/srv/pen3/alerts")  # fmt: skip
+def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path, exe: Path, WATCH: list[str]) -> None:  # noqa: N803
+    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--executable", str(exe), "--", *WATCH,
+                 "--jsonl", "/srv/pen3/out.jsonl", "--save", "/srv/pen3/alerts")  # fmt: skip
     assert done.returncode == 0, done.stderr
     unit = done.stdout
     assert verify(unit, tmp_path, "sbcrt-pen3.service") == ""
@@ -70,11 +77,11 @@ def test_dry_run_prints_a_unit_systemd_accepts(tmp_path: Path, WATCH: list[str])
     assert settings["ReadWritePaths"] == "/srv/pen3 /srv/pen3/alerts"
     assert settings["WantedBy"] == "multi-user.target" and settings["After"] == "network-online.target"
     argv = exec_start(unit)
-    assert Path(argv[0]).is_absolute() and os.access(argv[0], os.X_OK)
+    assert argv[0] == str(exe)
     assert argv[argv.index("watch") :] == [*WATCH, "--jsonl", "/srv/pen3/out.jsonl", "--save", "/srv/pen3/alerts"]
 
 
-def test_awkward_arguments_reach_sbcrt_unchanged(tmp_path: Path, scratch: Path) -> None:
+def test_awkward_arguments_reach_sbcrt_unchanged(tmp_path: Path, scratch: Path, exe: Path) -> None:
     awkward = ["my models/barn.onnx", 'say "hi"', "back\\slash", "100%", "$HOME", "it's", "", ";", "tab\there"]
     for word in awkward:
         assert exec_start(f"ExecStart=/bin/echo {systemd_quote(word)}")[1:] == [word], word
@@ -82,7 +89,7 @@ def test_awkward_arguments_reach_sbcrt_unchanged(tmp_path: Path, scratch: Path) 
     barn_model(cwd / "my models/barn.onnx")
     line = ["watch", "pens/*.jpg", "--model", "my models/barn.onnx", "--mqtt-topic", "farm/pen 3$", "--mqtt",
             "mqtt://broker", "--jsonl", "out dir/x.jsonl"]  # fmt: skip
-    spec = prepare("pen3", line, user="sbcrt", cwd=cwd)
+    spec = prepare("pen3", line, user="sbcrt", cwd=cwd, executable=exe)
     unit = render_unit(spec)
     assert verify(unit, tmp_path) == ""
     argv = exec_start(unit)
@@ -115,13 +122,19 @@ def test_refuses_bad_names_and_command_lines(tmp_path: Path, WATCH: list[str]) -
     assert done.returncode == 2 and "needs --model" in done.stderr
 
 
-def test_install_status_uninstall_on_an_image_root(tmp_path: Path, WATCH: list[str]) -> None:  # noqa: N803
+def test_install_status_uninstall_on_an_image_root(
+    tmp_path: Path,
+    scratch: Path,
+    WATCH: list[str],  # noqa: N803
+) -> None:
     """--root: what an image build does; systemctl --root enables the unit offline, for real."""
     if shutil.which("systemctl") is None:
         pytest.skip("systemctl is not installed")
     root = tmp_path / "image"
     barn_model(root / Path(WATCH[3]).relative_to("/"))  # the model the unit names is the image's
-    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--", *WATCH, "--jsonl", "/srv/x.jsonl")
+    exe = sbcrt_script(scratch, root)
+    done = sbcrt("service", "install", "--name", "pen3", "--root", str(root), "--executable", str(exe), "--", *WATCH,
+                 "--jsonl", "/srv/x.jsonl")  # fmt: skip
     assert done.returncode == 0, done.stderr
     unit = root / "etc/systemd/system/sbcrt-pen3.service"
     wants = root / "etc/systemd/system/multi-user.target.wants/sbcrt-pen3.service"
@@ -141,6 +154,7 @@ def test_install_status_uninstall_on_an_image_root(tmp_path: Path, WATCH: list[s
 def test_live_install_says_in_one_line_when_systemctl_cannot_work(
     tmp_path: Path,
     scratch: Path,
+    exe: Path,
     WATCH: list[str],  # noqa: N803
 ) -> None:
     """On the live system sbcrt runs the real systemctl. Where systemd cannot do it (this container has no PID 1
@@ -148,8 +162,8 @@ def test_live_install_says_in_one_line_when_systemctl_cannot_work(
     unit is."""
     units = tmp_path / "units"
     env = {"SBCRT_SYSTEMD_UNIT_DIR": str(units)}
-    done = sbcrt("service", "install", "--name", "pen3", "--user", "root", "--", *WATCH, "--jsonl",
-                 str(scratch / "out/pen3.jsonl"), env=env)  # fmt: skip
+    done = sbcrt("service", "install", "--name", "pen3", "--user", "root", "--executable", str(exe), "--", *WATCH,
+                 "--jsonl", str(scratch / "out/pen3.jsonl"), env=env)  # fmt: skip
     assert done.returncode == 1, done.stdout + done.stderr
     errors = [line for line in done.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and re.search(r"systemctl .* failed: .*; the unit is written to", errors[0]), done.stderr
@@ -173,3 +187,25 @@ def test_not_root_is_told_to_use_sudo(WATCH: list[str]) -> None:  # noqa: N803
     assert done.stderr.strip() == (
         "sbcrt service: error: sbcrt service install needs root: run it with sudo (or use --dry-run to see the unit)"
     )
+
+
+def test_the_executable_is_checked_like_a_path_the_unit_reads(scratch: Path, WATCH: list[str]) -> None:  # noqa: N803
+    """--executable (the tests' way to run anywhere) keeps install's checks: under /tmp the unit could not see it,
+    a missing or non-executable file would fail every start; a relative one is made absolute."""
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:  # /tmp itself, whatever $TMPDIR says
+        under_tmp = sbcrt_script(Path(folder))
+        done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--executable", str(under_tmp), "--", *WATCH)
+    assert done.returncode == 2 and f"{under_tmp}: under /tmp" in done.stderr and "PrivateTmp" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    missing = scratch / "bin" / "gone"
+    not_executable = scratch / "bin" / "plain"
+    not_executable.write_text("#!/bin/sh\n")
+    for path in (missing, not_executable, scratch):
+        done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--executable", str(path), "--", *WATCH)
+        assert done.returncode == 2 and f"--executable {path}: not an executable file" in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1, done.stderr
+    exe = sbcrt_script(scratch)
+    done = sbcrt("service", "install", "--name", "pen3", "--dry-run", "--executable", "bin/sbcrt", "--", *WATCH,
+                 cwd=scratch)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert exec_start(done.stdout)[0] == str(exe)

@@ -48,6 +48,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     install.add_argument("--user", default=DEFAULT_USER, help=f"run as this system user (default {DEFAULT_USER})")
     install.add_argument("--dry-run", action="store_true", help="print the unit and change nothing")
     install.add_argument(
+        "--executable",
+        type=Path,
+        metavar="FILE",
+        help="the sbcrt the unit runs (default: this one, the console script beside the running Python); "
+        "with --root, a path inside the image",
+    )
+    install.add_argument(
         "watch_line", nargs=argparse.REMAINDER, metavar="-- watch ...", help="the watch command line"
     )  # not "command": the top-level parser keeps the subcommand's name there, for its error lines
     uninstall = actions.add_parser("uninstall", help="stop, disable and remove the unit")
@@ -69,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                 service.require_root("sbcrt service install")
             except service.NeedsRoot as exc:
                 raise UsageError(f"{exc} (or use --dry-run to see the unit)") from None
-        spec = prepare(args.name, args.watch_line, user=args.user, root=root)
+        spec = prepare(args.name, args.watch_line, user=args.user, root=root, executable=args.executable)
         if not any(word == "--jsonl" or word.startswith("--jsonl=") for word in spec.command):
             print("sbcrt service: note: no --jsonl: every record goes to the journal", file=sys.stderr)
         if args.dry_run:
@@ -153,11 +160,18 @@ def is_local_source(source: str) -> bool:
 
 
 def prepare(
-    name: str, command: list[str], *, user: str, root: Path | None = None, cwd: Path | None = None
+    name: str,
+    command: list[str],
+    *,
+    user: str,
+    root: Path | None = None,
+    cwd: Path | None = None,
+    executable: Path | None = None,
 ) -> ServiceSpec:
     """The ServiceSpec for a watch command line: checked as `watch` checks it at start (a typo, a missing model
     or an unknown label fails now, not at every restart), paths absolute (the service runs in its state folder),
-    the folders it writes made writable. Under `root` the paths it reads are checked inside that image."""
+    the folders it writes made writable. Under `root` the paths it reads are checked inside that image.
+    `executable` is the sbcrt the unit runs (default: this installation's), checked like a path it reads."""
     from sbcrt import service
     from sbcrt.commands import arguments, watch
 
@@ -206,7 +220,7 @@ def prepare(
         name,
         ["watch", *out],
         user,
-        service.sbcrt_executable(),
+        [str(_checked_executable(executable, cwd, root))] if executable else service.sbcrt_executable(),
         list(dict.fromkeys(writable)),
         service.has_video_group(),
         reads,
@@ -220,6 +234,16 @@ def prepare(
     # Exactly the checks `watch` makes at start, on the command line the service will run.
     watch.check(watch_parser().parse_args(checked))
     return spec
+
+
+def _checked_executable(executable: Path, cwd: Path, root: Path | None) -> Path:
+    """--executable as the unit names it (absolute), once it is an executable file (inside the image under
+    `root`): systemd would otherwise fail the unit at every start."""
+    path = Path(os.path.normpath(cwd / executable))  # no `..` past the /tmp check
+    inside = root / path.relative_to("/") if root is not None else path
+    if not inside.is_file() or not os.access(inside, os.X_OK):
+        raise UsageError(f"--executable {inside}: not an executable file")
+    return path
 
 
 def _option_words(option: str, values: list[str]) -> list[str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from importlib import metadata
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from tests.support.data import export_cache_key, shared_photos
+from tools import lock
 
 REPO = Path(__file__).resolve().parents[2]
 TOOLS = REPO / "tools" / "arm64"
@@ -64,27 +64,12 @@ INT8_CALIB_COUNT = 16
 INT8_LOGIT_TOLERANCE = 0.3
 
 
-def read_pins(path: Path) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        name, sep, version = line.split("#", 1)[0].strip().partition("==")
-        if sep:
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version.strip()
-    return pins
-
-
-def test_pins_match_constraints_and_the_x86_venv() -> None:
-    """The arm64 set is the tested x86 set: the same versions as constraints.txt and as this venv has."""
-    constraints = read_pins(REPO / "constraints.txt")
-    for path in (REPO / "requirements-runtime.txt", TOOLS / "requirements-test.txt"):
-        for name, version in read_pins(path).items():
-            if name in constraints:
-                assert version == constraints[name], (
-                    f"{path.name}: {name}=={version}, constraints.txt {constraints[name]}"
-                )
-            assert version == metadata.version(name), (
-                f"{path.name}: {name}=={version}, x86 venv {metadata.version(name)}"
-            )
+def test_the_userland_is_the_tested_x86_set() -> None:
+    """The emulated userland's lock has the versions of this x86 venv (which tests/test_lock.py holds to
+    requirements.lock): the arm64 results are about the same Python code."""
+    for name, (version, _) in lock.read_lock(TOOLS / "requirements-test.lock").items():
+        here = metadata.version(name)
+        assert version == here, f"requirements-test.lock: {name}=={version}, x86 venv {here}"
 
 
 @pytest.fixture(scope="session")

@@ -22,11 +22,11 @@ def shared_photos() -> Path:
 
 def export_cache_key(*extra: str) -> str:
     """12 hex digits that change whenever an exported file could: the export and model code, the metadata format
-    the files carry, the pinned versions and the installed torch/onnx, and what the caller adds (e.g. the
+    the files carry, the locked versions and the installed torch/onnx, and what the caller adds (e.g. the
     calibration count)."""
     sources = sorted((REPO / "sbcrt" / "export").glob("*.py")) + sorted((REPO / "sbcrt" / "models").glob("*.py"))
     digest = hashlib.sha256()
-    for path in [*sources, REPO / "sbcrt" / "runtime" / "metadata.py", REPO / "constraints.txt"]:
+    for path in [*sources, REPO / "sbcrt" / "runtime" / "metadata.py", REPO / "requirements.lock"]:
         digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
     for package in ("torch", "onnx", "onnxruntime"):
         try:

@@ -1,5 +1,5 @@
 # `make test-arm64`: the runtime on a Raspberry Pi's own software (Debian bookworm arm64, Python 3.11, the
-# aarch64 wheels of requirements-runtime.txt), emulated by QEMU user mode as a Pi 4 (Cortex-A72) and a Pi 5
+# aarch64 wheels of the lock, tools/arm64/requirements-test.lock), emulated by QEMU user mode as a Pi 4 (Cortex-A72) and a Pi 5
 # (Cortex-A76). Included from the Makefile, which defines BIN and `setup`. See README.md, "Testing the arm64
 # runtime without a Pi: `make test-arm64`".
 # Cold (fresh clone, nothing cached): ~6 min; warm (userland and exported models cached in build/arm64): ~4 min.

@@ -6,10 +6,11 @@
 #
 # Nothing on the host changes: a private APT configuration (architecture arm64, its own state and cache under
 # build/arm64/) downloads the .debs, which are unpacked with dpkg-deb (no maintainer scripts, no chroot, no
-# binfmt); the host's pip installs the aarch64 wheels of exactly the pinned versions with --platform/--target.
+# binfmt); the host's pip installs the aarch64 wheels of a lock file, hash-checked, with --platform/--target:
+# requirements-runtime.lock (what the image installs), or with --with-tests tools/arm64/requirements-test.lock
+# (the same plus pytest and onnx, same versions and files: tests/test_lock.py). Both come from `make lock`.
 # The result is cached under build/arm64/userland-<key>, the key hashing everything that goes into it (this
-# script, the package list, the requirements files), so a second run with the same pins returns at once.
-# --with-tests adds tools/arm64/requirements-test.txt (pytest, onnx) to the same userland.
+# script, the package list, the lock file), so a second run with the same lock returns at once.
 # The userland is reusable by anything that wants to run aarch64 Python here (see run.sh).
 set -euo pipefail
 
@@ -28,13 +29,9 @@ case "${1:-}" in
     *) echo "usage: $0 [--with-tests]" >&2; exit 2 ;;
 esac
 
-inputs=("$HERE/build_userland.sh" "$HERE/debian-packages.txt" "$REPO/requirements-runtime.txt")
-requirements=(-r "$REPO/requirements-runtime.txt")
-if ((with_tests)); then
-    inputs+=("$HERE/requirements-test.txt")
-    requirements+=(-r "$HERE/requirements-test.txt")
-fi
-key="$(cat "${inputs[@]}" | sha256sum | cut -c1-12)"
+lock="$REPO/requirements-runtime.lock"
+if ((with_tests)); then lock="$HERE/requirements-test.lock"; fi
+key="$(cat "$HERE/build_userland.sh" "$HERE/debian-packages.txt" "$lock" | sha256sum | cut -c1-12)"
 userland="$BUILD_ROOT/userland-$key"
 if [[ -f "$userland/.complete" ]]; then
     echo "arm64 userland up to date" >&2
@@ -93,18 +90,17 @@ done
 ln -sfn python3.11 "$rootfs/usr/bin/python3"
 ln -sfn python3.11 "$rootfs/usr/bin/python"
 
-# -- 2. Wheels: exactly the pinned versions, aarch64 builds for CPython 3.11 ------------------------------
+# -- 2. Wheels: exactly the locked files, aarch64 builds for CPython 3.11 ---------------------------------
 site="$rootfs/usr/local/lib/python3.11/dist-packages"  # on Debian Python's sys.path, as on the Pi
 platforms=()
 for minor in $(seq 17 36); do platforms+=(--platform "manylinux_2_${minor}_aarch64"); done  # glibc <= 2.36
 platforms+=(--platform manylinux2014_aarch64 --platform linux_aarch64)
-log "pip: aarch64 wheels pinned in $(printf '%s ' "${requirements[@]}" | sed "s|-r ||g; s|$REPO/||g")"
+log "pip: aarch64 wheels of ${lock#"$REPO/"}"
+# --no-deps: the lock is the whole closure (check_closure.py below says so); --require-hashes: its files only.
 "$PIP" install --quiet --disable-pip-version-check --no-compile --target "$site" --only-binary=:all: \
     --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none "${platforms[@]}" \
-    "${requirements[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
-# The requirements files must be a closed set: anything pip added on its own is an unpinned dependency.
-python3 "$HERE/check_closure.py" "$site" "$REPO/requirements-runtime.txt" \
-    $( ((with_tests)) && echo "$HERE/requirements-test.txt")
+    --no-deps --require-hashes -r "$lock" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+python3 "$HERE/check_closure.py" "$site" "$lock"
 
 # Debian's .debs carry no bytecode (dpkg's postinst compiles it) and every emulated start would otherwise
 # compile the stdlib again, 200x slower than here: compile with the host's Python 3.11 (same bytecode format).

@@ -1,6 +1,6 @@
 """Check that a --target install holds exactly the pinned distributions: no more, no fewer, same versions.
 
-    python3 check_closure.py SITE_PACKAGES REQUIREMENTS.txt [MORE.txt ...]
+    python3 check_closure.py SITE_PACKAGES LOCK_FILE [MORE ...]
 
 pip installs unpinned dependencies without a word; in a lock file that is a bug (the image and the emulated
 test userland could then differ from each other or from one day to the next), so it fails here instead.
@@ -21,8 +21,9 @@ def read_pins(paths: list[Path]) -> dict[str, str]:
     pins: dict[str, str] = {}
     for path in paths:
         for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if not line:
+            # a lock file's lines: `name==version \`, then its `--hash=...` lines and `# via` comments
+            line = line.split("#", 1)[0].strip().rstrip("\\").strip()
+            if not line or line.startswith("--hash="):
                 continue
             name, sep, version = line.partition("==")
             if not sep:

@@ -34,6 +34,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from tests.arm64.arm64_parity import LOGIT_TOLERANCE  # noqa: E402  (the same bound as make test-arm64)
+from tools import lock  # noqa: E402
 from tools.image.archive_config import read_config  # noqa: E402
 
 BUILD = Path(os.environ.get("IMAGE_BUILD_DIR", REPO / "build" / "image"))
@@ -123,7 +124,7 @@ def export_key() -> str:
     for folder in ("sbcrt/export", "sbcrt/models"):
         for path in sorted((REPO / folder).glob("*.py")):
             digest.update(path.name.encode() + path.read_bytes())
-    for path in (REPO / "sbcrt" / "runtime" / "metadata.py", REPO / "constraints.txt"):
+    for path in (REPO / "sbcrt" / "runtime" / "metadata.py", REPO / "requirements.lock"):
         digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -278,13 +279,9 @@ def test_info_shows_the_pi_and_the_pins(cpu: str, models: Path, tmp_path: Path) 
     report = json.loads(done.stdout)
     assert report["cpu"]["machine"] == "aarch64"
     assert report["cpu"]["model"].startswith(CPUS[cpu]), report["cpu"]
-    pins = {}
-    for line in (REPO / "requirements-runtime.txt").read_text().splitlines():
-        name, sep, version = line.split("#", 1)[0].split(";", 1)[0].strip().partition("==")
-        if sep:
-            pins[name.strip().lower()] = version.split()[0].strip(" \\")
+    pins = lock.read_lock(REPO / "requirements-runtime.lock")
     for package in ("onnxruntime", "numpy", "pillow"):
-        assert report["versions"][package] == pins[package], (package, report["versions"])
+        assert report["versions"][package] == pins[package][0], (package, report["versions"])
     assert report["graph_cache"] == "/data/cache"
     assert report["model"]["architecture"] == "efficientnet_lite0"
 
