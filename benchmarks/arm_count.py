@@ -5,6 +5,7 @@ Raspberry Pi 4 (cortex-a72) or Pi 5 (cortex-a76) CPU, split into instruction cla
     python benchmarks/arm_count.py --model a.onnx --model b.onnx --cpu cortex-a72 --cpu cortex-a76
     python benchmarks/arm_count.py --standard-matrix --cpu cortex-a72 --cpu cortex-a76   (what `make arm-count` runs)
     python benchmarks/arm_count.py --model lite0.onnx --peers ncnn,ncnn-fp16 --cpu cortex-a76   (+ the ncnn peer)
+    python benchmarks/arm_count.py --model lite0.onnx --peers litert   (+ LiteRT with XNNPACK; an sbcrt export)
 
 Instruction counts are exact and repeatable where x86 timings are noisy, and they see the ARM kernels
 (onnxruntime's NCHWc layout path is x86-only; int8 without dot product on a Pi 4). They are a proxy for time:
@@ -16,7 +17,9 @@ and brackets each counted inference with markers; the QEMU plugin tools/arm64/in
 here with gcc against the qemu-plugin.h of the QEMU that runs it, from Debian's source package) counts only
 between them. Counts are cached per model file, CPU and everything that could change them (--fresh recounts).
 --peers also counts each fp32 model in ncnn (pnnx's conversion of the same file; tools/arm64/insn_count/
-count_ncnn.py), its logits checked against onnxruntime's; the peers' wheels stay in folders of their own.
+count_ncnn.py) and LiteRT with its default XNNPACK delegate (litert-torch's conversion of the PyTorch module
+with the same weights, tools/arm64/insn_count/convert_litert.py; count_litert.py), their logits checked
+against onnxruntime's; the peers' wheels and the converter's venv stay in folders of their own.
 """
 
 from __future__ import annotations
