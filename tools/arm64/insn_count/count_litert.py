@@ -13,7 +13,6 @@ against onnxruntime's on the same input.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from count_inference import RegionMarker, fixed_input  # noqa: E402
+from count_inference import fixed_input, run_counted  # noqa: E402
 
 NUMPY_TO_ONNX = {np.float32: "tensor(float)", np.uint8: "tensor(uint8)", np.int8: "tensor(int8)"}
 
@@ -52,14 +51,7 @@ def main(argv: list[str]) -> int:
         interpreter.invoke()
         return interpreter.get_tensor(sink["index"])
 
-    for _ in range(args.warmup):
-        out = infer()
-    marker = RegionMarker()
-    gc.disable()
-    for _ in range(args.repeat):
-        marker.begin()
-        out = infer()
-        marker.end()
+    out = run_counted(infer, args.warmup, args.repeat)
     if args.logits:
         np.save(args.logits, np.asarray(out, np.float32).reshape(1, -1))
     print(
