@@ -403,8 +403,8 @@ class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
         work = Path(tempfile.mkdtemp(prefix="litert-", dir=cls.DIR))
         log(f"converting {arch} ({onnx_path.name}'s weights) with litert-torch {cls.LITERT_TORCH}")
         env = {**os.environ, "PYTHONPATH": str(REPO)}  # sbcrt.models and the seeded weights, torch only
-        run([str(cls.converter_python()), str(script), arch, str(work / "model.tflite"), *weights,
-             f"--input-size={size}"], env=env)  # fmt: skip
+        command = [str(cls.converter_python()), str(script), arch, str(work / "model.tflite"), *weights]
+        run([*command, f"--input-size={size}"], env=env)
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         work.rename(folder)
