@@ -1,0 +1,80 @@
+"""`sbcrt train`: a new head for your own classes on a base model, trained on this machine (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sbcrt.commands.classify import MODEL_ENV, positive_int, resolve_model
+
+
+def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train a classifier for your own classes from photos in DATA/<label>/",
+        description="Fit a new classifier head on a base model's features, from photos sorted into one folder "
+        "per class (DATA/<label>/*.jpg; the folder names become the labels), and write one self-describing "
+        ".onnx file that classify, watch, eval and bench use like any exported model. Cross-validation picks "
+        "the head and its regularisation. Features are cached by photo content, so retraining after adding "
+        "photos only runs the base model on the new ones. Exit status: 0 trained, 1 trained but some photos "
+        "were unreadable, 2 usage error (nothing written).",
+    )
+    p.add_argument("data", type=Path, metavar="DATA", help="folder of class folders: DATA/<label>/*.jpg")
+    p.add_argument("-m", "--model", type=Path, help=f"the base .onnx model (required; default: ${MODEL_ENV})")
+    p.add_argument("-o", "--output", type=Path, required=True, help="the trained .onnx file to write")
+    p.add_argument(
+        "--head",
+        choices=("auto", "features", "prior", "features+prior"),
+        default="auto",
+        help="head kind: auto (cross-validation chooses, default), features (the base model's pooled features), "
+        "prior (what the base model recognises, mapped to your classes), or both",
+    )
+    p.add_argument(
+        "--augment",
+        choices=("none", "flip", "crops"),
+        default="flip",
+        help="extra views per photo at feature level: none, flip (mirror image, default), crops (flip + the "
+        "four corner crops; 6 inferences per photo)",
+    )
+    p.add_argument("--folds", type=positive_int, default=5, help="cross-validation folds (default 5)")
+    p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+    p.add_argument("--confusion-png", type=Path, metavar="FILE", help="also draw the confusion matrix as a PNG")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from sbcrt.commands.eval import ProgressBar
+    from sbcrt.train.report import draw_confusion_png, render
+    from sbcrt.train.trainer import TrainSettings, train
+
+    model = resolve_model(args, required=True)
+    settings = TrainSettings(
+        data=args.data,
+        base_model=model,
+        output=args.output,
+        augmentation=args.augment,
+        head=args.head,
+        folds=args.folds,
+        threads=args.threads,
+        cache_dir=False if args.no_cache else None,
+    )
+    progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
+    try:
+        report = train(settings, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    if args.confusion_png is not None:
+        draw_confusion_png(report, args.confusion_png)
+    for path, error in report.failures:
+        print(f"{path}: error: {error}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(render(report, notes=not args.quiet))
+    return 1 if report.failures else 0
