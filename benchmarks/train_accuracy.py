@@ -6,9 +6,9 @@ group trains, the rest test: each photo is its own ImageNet class, so every test
 never saw. Task "upside-down": the training half upright and turned 180 degrees, tested on the other half; the
 ImageNet classes say nothing about it, so the head has to come from the features.
 
-For each task, the plain feature head (--head features) and the head cross-validation chooses (auto) are trained
-with the real `train()` on the base model and the written .onnx file is scored with `Classifier` on the test
-photos (what `sbcrt classify` and `watch` would answer). Prints a table and writes JSON.
+For each task, each head kind (--head features, prior, features+prior) and the one cross-validation chooses
+(auto) are trained with the real `train()` on the base model and the written .onnx file is scored with
+`Classifier` on the test photos (what `sbcrt classify` and `watch` would answer). Prints a table and writes JSON.
 
     .venv/bin/python benchmarks/train_accuracy.py --model build/lite0.onnx [--json build/train_accuracy.json]
 """
@@ -90,7 +90,7 @@ def score(model: Path, items: list[tuple[Path, str]]) -> dict:
 
 def run_task(name: str, data: Path, test: list[tuple[Path, str]], base: Path, work: Path, cache: Path) -> list[dict]:
     rows = []
-    for head in ("features", "auto"):
+    for head in ("features", "prior", "features+prior", "auto"):
         output = work / f"{name}-{head}.onnx"
         cpu = resource.getrusage(resource.RUSAGE_SELF).ru_utime
         started = time.perf_counter()
@@ -103,7 +103,7 @@ def run_task(name: str, data: Path, test: list[tuple[Path, str]], base: Path, wo
                 "task": name,
                 "head_requested": head,
                 "head": report.head_kind,
-                "l2": report.l2,
+                "settings": report.chosen.describe(),
                 "train_photos": sum(report.photos.values()),
                 "test_photos": len(test),
                 "cv_accuracy": report.accuracy,
@@ -140,15 +140,15 @@ def main() -> int:
         del turned_train
         rows += run_task("upside-down", work / "turned-train", turned_test, args.model, work, cache)
 
-    header = f"{'task':<12} {'head':<15} {'L2':>6} {'train':>5} {'test':>5} {'CV acc':>7} {'test acc':>8} "
-    header += f"{'test bal':>8} {'features s':>10} {'fit s':>6} {'cpu s':>6}"
+    header = f"{'task':<12} {'head':<21} {'train':>5} {'test':>5} {'CV acc':>7} {'test acc':>8} "
+    header += f"{'test bal':>8} {'features s':>10} {'fit s':>6} {'cpu s':>6}  settings"
     print(header)
     for r in rows:
         head = r["head"] if r["head_requested"] != "auto" else f"auto: {r['head']}"
         print(
-            f"{r['task']:<12} {head:<15} {r['l2']:>6g} {r['train_photos']:>5} {r['test_photos']:>5} "
+            f"{r['task']:<12} {head:<21} {r['train_photos']:>5} {r['test_photos']:>5} "
             f"{r['cv_accuracy']:>7.3f} {r['test_accuracy']:>8.3f} {r['test_balanced_accuracy']:>8.3f} "
-            f"{r['features_s']:>10.1f} {r['fit_s']:>6.1f} {r['cpu_s']:>6.1f}"
+            f"{r['features_s']:>10.1f} {r['fit_s']:>6.1f} {r['cpu_s']:>6.1f}  {r['settings']}"
         )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": str(args.model), "rows": rows}, indent=2))

@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from sbcrt.cli import main
 from sbcrt.runtime.classifier import Classifier
@@ -282,7 +282,8 @@ def test_lite0_export_marks_the_pooled_features(lite0_onnx: Path) -> None:
 def test_lite0_head_recognises_unseen_species(
     lite0_onnx: Path, imagenet_samples: list[tuple[Path, int]], tmp_path: Path
 ) -> None:
-    """Four classes, every other ImageNet class of each trains, the rest test (each photo is its own species)."""
+    """Four classes, every other ImageNet class of each trains, the rest test (each photo is its own species).
+    Everything is chosen on the training photos; the test photos are only scored."""
     seen: dict[str, int] = {}
     train_root, test_items = tmp_path / "train", []
     for path, index in imagenet_samples:
@@ -302,6 +303,43 @@ def test_lite0_head_recognises_unseen_species(
         scores[head] = (report.head_kind, float(np.mean(hits)))
     assert len(test_items) == 125
     chosen, accuracy = scores["auto"]
-    assert chosen in ("prior", "features+prior")
-    assert accuracy >= 0.92, scores  # measured 0.94 (benchmarks/train_accuracy.py)
-    assert accuracy > scores["features"][1] + 0.05, scores  # measured plain features head: 0.83
+    assert chosen in ("prior", "features+prior"), scores
+    # The issue's target. Measured 0.984 (features+prior; prior alone 0.976), benchmarks/train_accuracy.py.
+    assert accuracy >= 0.95, scores
+    assert accuracy > scores["features"][1] + 0.1, scores  # measured plain features head: 0.792
+
+
+@pytest.mark.slow
+def test_lite0_task_the_base_model_knows_nothing_of_gets_the_feature_head(
+    lite0_onnx: Path, imagenet_samples: list[tuple[Path, int]], tmp_path: Path
+) -> None:
+    """Photos "marked" (a red square in the middle, like a tag on a gate) against plain ones, never the
+    same photo in both classes: which ImageNet class a photo shows says nothing about it, the pooled features do.
+    Cross-validation must pick the plain feature head."""
+    photos = [p for p, _ in imagenet_samples]
+    sets = {"train": photos[0::5] + photos[1::5], "test": photos[2::5]}
+    items: dict[str, list[tuple[Path, str]]] = {"train": [], "test": []}
+    for split, chosen in sets.items():
+        for number, photo in enumerate(chosen):
+            label = "marked" if number % 2 else "plain"
+            with Image.open(photo) as image:
+                picture = image.convert("RGB")
+            if label == "marked":
+                w, h = picture.size
+                half = min(w, h) // 8
+                ImageDraw.Draw(picture).rectangle((w // 2 - half, h // 2 - half, w // 2 + half, h // 2 + half), "red")
+            out = tmp_path / split / label / f"{photo.stem}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(out, quality=90)
+            items[split].append((out, label))
+    cache = tmp_path / "cache"
+    results = {}
+    for head in ("prior", "auto"):
+        out = tmp_path / f"{head}.onnx"
+        report = train(TrainSettings(tmp_path / "train", lite0_onnx, out, head=head, cache_dir=cache))
+        clf = Classifier(out, cache_dir=False)
+        hits = [clf.classify(path).top1.label == label for path, label in items["test"]]
+        results[head] = (report.head_kind, float(np.mean(hits)))
+    assert results["auto"][0] == "features", results
+    # Measured: features 0.78, the prior alone 0.56 (chance is 0.5).
+    assert results["auto"][1] >= 0.7 and results["auto"][1] > results["prior"][1] + 0.1, results

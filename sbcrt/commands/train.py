@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from sbcrt.commands.classify import MODEL_ENV, positive_int, resolve_model
+from sbcrt.commands.arguments import MODEL_ENV, positive_int, resolve_model
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

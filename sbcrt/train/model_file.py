@@ -1,8 +1,9 @@
 """Writing the trained model: the base graph up to its features, the new head, and self-describing metadata.
 
 The head's input standardisation is folded into its weights, so the file holds only standard default-domain
-ops (Gemm, and for the prior head Div, Softmax, MatMul, Add) and ends in one `logits` output of shape
-[batch, classes] like an exported model: `Classifier` applies its softmax to it as to any exported model.
+ops (Gemm; for a prior head Div, Softmax, MatMul, Mul, Add, Log) and ends in one `logits` output of shape
+[batch, classes] like an exported model: `Classifier` applies its softmax to it as to any exported model. A head
+with a prior outputs scale * log(probabilities), whose softmax is the head's probabilities sharpened by `scale`.
 """
 
 from __future__ import annotations
@@ -26,13 +27,37 @@ BASE_SCORES = "sbcrt_base_logits"  # the base classifier's output, renamed so th
 
 @dataclass
 class FoldedHead:
-    """The head in terms of raw (unstandardised) inputs: logits = f @ feature_weight.T + p @ prior_matrix + bias,
-    where p = softmax(base logits / temperature). Either term may be absent."""
+    """The head in terms of raw inputs (features f, base logits z), as the file computes it:
+    - features only: logits = scale * (f @ feature_weight.T + bias);
+    - with a prior: logits = scale * log(w * softmax(z / T) @ prior_matrix + (1 - w) * softmax(f @ W.T + b)),
+      the second term only when feature_weight is set (w = prior_weight)."""
 
     bias: np.ndarray  # (K,)
-    feature_weight: np.ndarray | None  # (K, D)
-    prior_matrix: np.ndarray | None  # (C, K)
+    feature_weight: np.ndarray | None = None  # (K, D)
+    prior_matrix: np.ndarray | None = None  # (C, K): P(label | base class)
     temperature: float = 1.0
+    prior_weight: float = 1.0
+    scale: float = 1.0
+
+
+LOG_FLOOR = 1e-12  # added before the Log: a probability that underflowed to 0 gives a large negative logit, not -inf
+
+
+def head_logits(head: FoldedHead, features: np.ndarray, base_logits: np.ndarray) -> np.ndarray:
+    """The logits the written file gives, in numpy (float64): the trainer checks the file against it."""
+    feature_scores = None
+    if head.feature_weight is not None:
+        feature_scores = features.astype(np.float64) @ head.feature_weight.T.astype(np.float64) + head.bias
+    if head.prior_matrix is None:
+        return head.scale * feature_scores
+    z = base_logits.astype(np.float64) / head.temperature
+    z -= z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    probabilities = head.prior_weight * (p / p.sum(axis=1, keepdims=True)) @ head.prior_matrix.astype(np.float64)
+    if feature_scores is not None:
+        e = np.exp(feature_scores - feature_scores.max(axis=1, keepdims=True))
+        probabilities += (1 - head.prior_weight) * e / e.sum(axis=1, keepdims=True)
+    return head.scale * np.log(probabilities + LOG_FLOOR)
 
 
 def read_initializer(base: BaseModel, name: str) -> np.ndarray | None:
@@ -122,27 +147,26 @@ def build_trained_model(base: BaseModel, head: FoldedHead, metadata: dict[str, s
             n = wire.parse_node(memoryview(raw), next(wire.fields(raw)).value)
         nodes.append(n)
     initializers: list[bytes] = []
-    terms: list[str] = []
-    if head.feature_weight is not None:
+    if not needs_scores:
         initializers += [
-            wire.initializer("sbcrt_head_weight", head.feature_weight),
-            wire.initializer("sbcrt_head_bias", head.bias),
+            wire.initializer("sbcrt_head_weight", (head.feature_weight * head.scale).astype(np.float32)),
+            wire.initializer("sbcrt_head_bias", (head.bias * head.scale).astype(np.float32)),
         ]
-        out = OUTPUT_NAME if not needs_scores else "sbcrt_feature_scores"
         extra_nodes.append(
             wire.node(
                 "Gemm",
                 [features, "sbcrt_head_weight", "sbcrt_head_bias"],
-                [out],
+                [OUTPUT_NAME],
                 "sbcrt_head",
                 wire.attribute_int("transB", 1),
             )
         )
-        terms.append(out)
-    if needs_scores:
+    else:
         initializers += [
             wire.initializer("sbcrt_prior_temperature", np.array(head.temperature, np.float32)),
-            wire.initializer("sbcrt_prior_matrix", head.prior_matrix),
+            wire.initializer("sbcrt_prior_matrix", (head.prior_matrix * head.prior_weight).astype(np.float32)),
+            wire.initializer("sbcrt_log_floor", np.array(LOG_FLOOR, np.float32)),
+            wire.initializer("sbcrt_head_scale", np.array(head.scale, np.float32)),
         ]
         extra_nodes += [
             wire.node("Div", [BASE_SCORES, "sbcrt_prior_temperature"], ["sbcrt_base_tempered"], "sbcrt_prior_div"),
@@ -153,15 +177,39 @@ def build_trained_model(base: BaseModel, head: FoldedHead, metadata: dict[str, s
                 "sbcrt_prior_softmax",
                 wire.attribute_int("axis", 1),
             ),
-            wire.node("MatMul", ["sbcrt_base_probs", "sbcrt_prior_matrix"], ["sbcrt_prior_scores"], "sbcrt_prior"),
+            wire.node("MatMul", ["sbcrt_base_probs", "sbcrt_prior_matrix"], ["sbcrt_prior_probs"], "sbcrt_prior"),
         ]
-        if terms:
-            extra_nodes.append(wire.node("Add", [terms[0], "sbcrt_prior_scores"], [OUTPUT_NAME], "sbcrt_head_sum"))
-        else:
-            initializers.append(wire.initializer("sbcrt_head_bias", head.bias))
-            extra_nodes.append(
-                wire.node("Add", ["sbcrt_prior_scores", "sbcrt_head_bias"], [OUTPUT_NAME], "sbcrt_head_sum")
-            )
+        mixed = "sbcrt_prior_probs"
+        if head.feature_weight is not None:
+            initializers += [
+                wire.initializer("sbcrt_head_weight", head.feature_weight.astype(np.float32)),
+                wire.initializer("sbcrt_head_bias", head.bias.astype(np.float32)),
+                wire.initializer("sbcrt_feature_share", np.array(1 - head.prior_weight, np.float32)),
+            ]
+            extra_nodes += [
+                wire.node(
+                    "Gemm",
+                    [features, "sbcrt_head_weight", "sbcrt_head_bias"],
+                    ["sbcrt_feature_scores"],
+                    "sbcrt_head",
+                    wire.attribute_int("transB", 1),
+                ),
+                wire.node(
+                    "Softmax",
+                    ["sbcrt_feature_scores"],
+                    ["sbcrt_feature_probs"],
+                    "sbcrt_feature_softmax",
+                    wire.attribute_int("axis", 1),
+                ),
+                wire.node("Mul", ["sbcrt_feature_probs", "sbcrt_feature_share"], ["sbcrt_feature_part"], "sbcrt_mix"),
+                wire.node("Add", ["sbcrt_prior_probs", "sbcrt_feature_part"], ["sbcrt_mixed_probs"], "sbcrt_mix_sum"),
+            ]
+            mixed = "sbcrt_mixed_probs"
+        extra_nodes += [
+            wire.node("Add", [mixed, "sbcrt_log_floor"], ["sbcrt_probs_floored"], "sbcrt_floor"),
+            wire.node("Log", ["sbcrt_probs_floored"], ["sbcrt_log_probs"], "sbcrt_log"),
+            wire.node("Mul", ["sbcrt_log_probs", "sbcrt_head_scale"], [OUTPUT_NAME], "sbcrt_scale"),
+        ]
     output = wire.value_info(wire.GRAPH_OUTPUT, OUTPUT_NAME, ["batch", classes])
     props = {k: v for k, v in base.parsed.metadata.items() if not k.startswith("pkg.")}
     props.update(metadata)

@@ -21,8 +21,8 @@ def render(report: TrainReport, *, notes: bool = True) -> str:
     if report.failures:
         lines.append(f"  {len(report.failures)} photos could not be read (listed on stderr) and were left out")
     lines.append(
-        f"head: {report.head_kind}, L2 {report.l2:g} (chosen by {report.folds}-fold cross-validation among "
-        f"{len(report.candidates)} candidates)"
+        f"head: {report.head_kind}, {report.chosen.describe() if report.chosen else ''} (chosen by "
+        f"{report.folds}-fold cross-validation among {len(report.candidates)} candidates, lowest log loss)"
     )
     lines.append(
         f"cross-validated accuracy {report.accuracy:.3f}, balanced (mean recall) {report.balanced_accuracy:.3f}"

@@ -1,17 +1,16 @@
 """`train`: photos in class folders + a base model -> a new head, chosen by cross-validation, in one ONNX file.
 
-Head kinds (cross-validation picks one, with its L2 strength):
-- "features": softmax regression on the base model's pooled features. Works for any task, including ones the
-  base model knows nothing of (textures, a gate open or closed).
-- "prior": softmax regression on what the base model already recognises, in a form that carries over to
-  classes it never saw in training: p = softmax(base logits / T), mapped through the base classifier's own
-  (unit-length) weight rows, q = p @ E. E's rows are the base classes' directions in feature space, so similar
-  base classes (two dog breeds) get similar q, and a head trained on some breeds recognises the others.
-  Folded, the prior is a (base classes x new classes) matrix: a mapping from the base model's classes to the
-  user's, learned from the training photos and smoothed by the base model's own class similarity.
-- "features+prior": both inputs side by side.
-On the shared ImageNet photos, four classes, half of the species held out (benchmarks/train_accuracy.py):
-features 0.83, prior 0.94 (see the README's training section for the current figures).
+Head kinds (cross-validation on the training photos picks one, with its settings):
+- "features": class-balanced softmax regression on the base model's pooled features, L2 chosen by CV. Works for
+  any task, including ones the base model knows nothing of (textures, a gate open or closed).
+- "prior": what the base model already recognises, mapped to the user's labels (sbcrt/train/prior.py): the
+  base posterior softmax(logits / T) times R[c, label] = P(label | base class c), learned from which base classes
+  the training photos land in and smoothed by label propagation over the base classifier's rows, so a species
+  never seen in training inherits the label of the base classes nearest it.
+- "features+prior": the two probabilities mixed, w * prior + (1 - w) * features.
+The criterion is the class-balanced log loss of the out-of-fold probabilities (each candidate at its best logit
+scale): a proper score that ranks candidates where accuracy, on a hundred photos, moves in whole-photo steps
+and ties. Measured figures: benchmarks/train_accuracy.py and the README's training section.
 """
 
 from __future__ import annotations
@@ -30,14 +29,23 @@ from sbcrt.errors import SbcrtError, UsageError
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.train.features import AUGMENTATIONS, FeatureExtractor, open_base
 from sbcrt.train.head import LinearHead, balanced_weights, fit_head, stratified_folds
-from sbcrt.train.model_file import FoldedHead, build_trained_model, classifier_weights, write_atomically
+from sbcrt.train.model_file import (
+    FoldedHead,
+    build_trained_model,
+    classifier_weights,
+    head_logits,
+    write_atomically,
+)
+from sbcrt.train.prior import ClassGraph, PriorSetting, mapping, softmax
 
 HEAD_KINDS = ("features", "prior", "features+prior")
 L2_GRID = (100.0, 10.0, 1.0, 0.1)  # strongest first: each fit warm-starts the next
-# Softening the base model's probabilities spreads each photo's mass over its near neighbours among the base
-# classes, which is what lets the prior carry over to unseen ones; measured on the shared photos (held-out
-# species): T = 1 0.88, 2 0.94, 3 0.92, 4 0.88 (prior head, best L2 each).
-PRIOR_TEMPERATURE = 2.0
+# The prior's grid (cross-validation picks one point): neighbours in the base classes' graph, propagation
+# strength, temperature of the base posterior. Small k keeps a label inside its cluster of base classes.
+PRIOR_NEIGHBOURS = (3, 5, 10, 20)
+PRIOR_ALPHAS = (0.0, 0.5, 0.8, 0.9)
+PRIOR_TEMPERATURES = (0.25, 0.5, 1.0, 2.0)
+MIX_WEIGHTS = (0.25, 0.5, 0.75)  # weight of the prior in "features+prior"
 MAX_FOLDS = 5
 MIN_PHOTOS = 2
 VERIFY_PHOTOS = 3
@@ -60,10 +68,28 @@ class TrainSettings:
 @dataclass
 class Candidate:
     kind: str
-    l2: float
+    l2: float | None  # features head's L2 (None for the prior alone)
     accuracy: float
     balanced_accuracy: float
-    log_loss: float
+    log_loss: float  # class-balanced, out of fold, at the candidate's best logit scale
+    prior: PriorSetting | None = None
+    prior_weight: float | None = None  # features+prior: the prior's share
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "prior"}
+        out["prior"] = None if self.prior is None else self.prior.__dict__
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        if self.l2 is not None:
+            parts.append(f"L2 {self.l2:g}")
+        if self.prior is not None:
+            p = self.prior
+            parts.append(f"k {p.neighbours}, alpha {p.alpha:g}, T {p.temperature:g}")
+        if self.prior_weight is not None:
+            parts.append(f"prior weight {self.prior_weight:g}")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -74,7 +100,7 @@ class TrainReport:
     base: dict[str, Any]
     output: Path
     head_kind: str = ""
-    l2: float = 0.0
+    chosen: Candidate | None = None
     folds: int = 0
     candidates: list[Candidate] = field(default_factory=list)
     accuracy: float = 0.0  # cross-validated, of the chosen head
@@ -96,7 +122,7 @@ class TrainReport:
             "base": self.base,
             "output": str(self.output),
             "head": self.head_kind,
-            "l2": self.l2,
+            "head_settings": None if self.chosen is None else self.chosen.to_dict(),
             "folds": self.folds,
             "cross_validation": {
                 "accuracy": self.accuracy,
@@ -104,7 +130,7 @@ class TrainReport:
                 "precision": dict(zip(self.labels, self.precision, strict=True)),
                 "recall": dict(zip(self.labels, self.recall, strict=True)),
                 "confusion": self.confusion,
-                "candidates": [c.__dict__ for c in self.candidates],
+                "candidates": [c.to_dict() for c in self.candidates],
             },
             "notes": self.notes,
             "timings_s": self.timings_s,
@@ -211,62 +237,68 @@ def train(settings: TrainSettings, *, progress: Callable[[int, int], None] | Non
             )
         kinds = ["features"]
         report.notes.append("base model has no plain classifier to use as a prior: features head only")
-        unit = None
-    else:
-        unit = embeddings.astype(np.float64) / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    Q = _softmax(S / PRIOR_TEMPERATURE) @ unit if unit is not None else None
+    graph = ClassGraph(embeddings.astype(np.float64)) if "features" not in kinds or len(kinds) > 1 else None
 
     fit_started = time.perf_counter()
     folds = min(settings.folds, int(counts.min()))
     report.folds = folds
     assignment = stratified_folds(y, folds, settings.seed)
-    best: tuple[tuple[float, float], Candidate, np.ndarray] | None = None
-    for kind in kinds:
-        inputs = _inputs(kind, F, Q)
-        for candidate, predictions in _cross_validate(kind, inputs, y, assignment, len(labels)):
+    classes = len(labels)
+    best_features = best_prior = None  # (Candidate, out-of-fold probabilities)
+    if "features" in kinds or "features+prior" in kinds:
+        for candidate, predictions in _cross_validate_features(F, y, assignment, classes):
+            best_features = _keep("features" in kinds, report, candidate, predictions, best_features)
+    if "prior" in kinds or "features+prior" in kinds:
+        for candidate, predictions in _cross_validate_prior(graph, S, y, assignment, classes):
+            best_prior = _keep("prior" in kinds, report, candidate, predictions, best_prior)
+    best = [c for c in (best_features, best_prior) if c is not None and c[0].kind in kinds]
+    if "features+prior" in kinds:
+        for weight in MIX_WEIGHTS:
+            mixed = weight * best_prior[1] + (1 - weight) * best_features[1]
+            candidate = _candidate(
+                "features+prior", mixed, y, l2=best_features[0].l2, prior=best_prior[0].prior, weight=weight
+            )
             report.candidates.append(candidate)
-            # Balanced accuracy first (every class counts the same, like the class-balanced loss); the log
-            # loss breaks ties, which are common with few photos.
-            key = (candidate.balanced_accuracy, -candidate.log_loss)
-            if best is None or key > best[0]:
-                best = (key, candidate, predictions)
-    assert best is not None
-    _, chosen, predictions = best
-    report.head_kind, report.l2 = chosen.kind, chosen.l2
+            best.append((candidate, mixed))
+    chosen, predictions = min(best, key=lambda b: _rank(b[0]))
+    report.head_kind, report.chosen = chosen.kind, chosen
     report.accuracy, report.balanced_accuracy = chosen.accuracy, chosen.balanced_accuracy
-    confusion = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(confusion, (y, predictions.argmax(axis=1)), 1)
     report.confusion = confusion.tolist()
     predicted = confusion.sum(axis=0)
-    report.precision = [float(confusion[k, k] / predicted[k]) if predicted[k] else 0.0 for k in range(len(labels))]
-    report.recall = [float(confusion[k, k] / counts[k]) for k in range(len(labels))]
+    report.precision = [float(confusion[k, k] / predicted[k]) if predicted[k] else 0.0 for k in range(classes)]
+    report.recall = [float(confusion[k, k] / counts[k]) for k in range(classes)]
+    report.calibration = _calibration(predictions, y)[0]
 
-    inputs = _inputs(chosen.kind, F, Q)
-    head, mean, std = _fit(inputs, y, np.arange(len(y)), len(labels), chosen.l2)
-    report.calibration = _calibration_scale(predictions, y)
-    head = LinearHead(head.weight * report.calibration, head.bias * report.calibration, head.iterations)
-    folded = _fold(chosen.kind, head, mean, std, F.shape[2], unit)
+    folded = FoldedHead(bias=np.zeros(classes, np.float32), scale=report.calibration)
+    if chosen.l2 is not None:
+        head, mean, std = _fit(F, y, np.arange(len(y)), classes, chosen.l2)
+        scaled = head.weight / std  # the standardisation folded in: the file takes raw features
+        folded.feature_weight = scaled.astype(np.float32)
+        folded.bias = (head.bias - scaled @ mean).astype(np.float32)
+    if chosen.prior is not None:
+        setting = chosen.prior
+        propagated = _propagated(graph, S, setting)
+        folded.prior_matrix = mapping(propagated, y, np.arange(len(y)), classes).astype(np.float32)
+        folded.temperature = setting.temperature
+        folded.prior_weight = 1.0 if chosen.prior_weight is None else chosen.prior_weight
     report.timings_s["fit"] = time.perf_counter() - fit_started
 
     metadata = _metadata(settings, report, reference, counts)
     payload = build_trained_model(base, folded, metadata)
-    expected = head.scores((inputs[:, 0] - mean) / std)
+    expected = head_logits(folded, F[:, 0], S[:, 0])
     report.verify_max_diff = _verify(payload, extractor, reference, centre_paths, expected, report)
     write_atomically(settings.output, payload)
     report.timings_s["total"] = time.perf_counter() - started
     return report
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _calibration_scale(probabilities: np.ndarray, y: np.ndarray) -> float:
-    """One factor for the logits minimising the class-balanced log loss of the out-of-fold predictions. A
-    strongly regularised head ranks well but is timid (0.3 for a clear dog), which `--when "dog > 0.8"` rules
-    would misread; the argmax is unchanged. softmax(s * log p) is the same as scaling the logits by s."""
+def _calibration(probabilities: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(scale, loss): one factor for the logits minimising the class-balanced log loss of the out-of-fold
+    predictions, and that loss. A strongly regularised head ranks well but is timid (0.3 for a clear dog), which
+    `--when "dog > 0.8"` rules would misread; the argmax is unchanged. softmax(s * log p) is the same as scaling
+    the logits by s."""
     log_p = np.log(np.maximum(probabilities, 1e-12))
     weights = 1.0 / np.bincount(y)[y]
     best_loss, best_scale = math.inf, 1.0
@@ -277,15 +309,38 @@ def _calibration_scale(probabilities: np.ndarray, y: np.ndarray) -> float:
         loss = -float(np.sum(weights * scaled[np.arange(len(y)), y])) / float(weights.sum())
         if loss < best_loss:
             best_loss, best_scale = loss, float(scale)
-    return best_scale
+    return best_scale, best_loss
 
 
-def _inputs(kind: str, F: np.ndarray, Q: np.ndarray | None) -> np.ndarray:
-    if kind == "features":
-        return F
-    if kind == "prior":
-        return Q
-    return np.concatenate([F, Q], axis=-1)
+def _candidate(
+    kind: str,
+    probabilities: np.ndarray,
+    y: np.ndarray,
+    *,
+    l2: float | None = None,
+    prior: PriorSetting | None = None,
+    weight: float | None = None,
+) -> Candidate:
+    classes = probabilities.shape[1]
+    hits = probabilities.argmax(axis=1) == y
+    recall = [hits[y == k].mean() for k in range(classes)]
+    return Candidate(
+        kind, l2, float(hits.mean()), float(np.mean(recall)), _calibration(probabilities, y)[1], prior, weight
+    )
+
+
+def _keep(listed: bool, report: TrainReport, candidate: Candidate, predictions: np.ndarray, best):
+    """Record the candidate (when its kind is on offer) and return the better of it and `best`."""
+    if listed:
+        report.candidates.append(candidate)
+    if best is None or _rank(candidate) < _rank(best[0]):
+        return candidate, predictions
+    return best
+
+
+def _rank(candidate: Candidate) -> tuple[float, float]:
+    """Lowest log loss first; balanced accuracy breaks ties."""
+    return round(candidate.log_loss, 6), -candidate.balanced_accuracy
 
 
 def _fit(
@@ -302,7 +357,7 @@ def _fit(
     return head, mean, std
 
 
-def _cross_validate(kind: str, inputs: np.ndarray, y: np.ndarray, assignment: np.ndarray, classes: int):
+def _cross_validate_features(F: np.ndarray, y: np.ndarray, assignment: np.ndarray, classes: int):
     """(Candidate, out-of-fold probabilities) for each L2 strength: trained on the other folds' views,
     scored on the held-out photos' centre view (what the model sees at run time)."""
     folds = int(assignment.max()) + 1
@@ -311,34 +366,35 @@ def _cross_validate(kind: str, inputs: np.ndarray, y: np.ndarray, assignment: np
         probabilities = np.zeros((len(y), classes))
         for fold in range(folds):
             train_rows, test_rows = np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold)
-            head, mean, std = _fit(inputs, y, train_rows, classes, l2, starts.get(fold))
+            head, mean, std = _fit(F, y, train_rows, classes, l2, starts.get(fold))
             starts[fold] = head
-            probabilities[test_rows] = _softmax(head.scores((inputs[test_rows, 0] - mean) / std))
-        hits = probabilities.argmax(axis=1) == y
-        recall = [hits[y == k].mean() for k in range(classes)]
-        weights = 1.0 / np.bincount(y, minlength=classes)[y]
-        log_loss = -float(np.sum(weights * np.log(np.maximum(probabilities[np.arange(len(y)), y], 1e-12))))
-        log_loss /= float(weights.sum())
-        yield Candidate(kind, l2, float(hits.mean()), float(np.mean(recall)), log_loss), probabilities
+            probabilities[test_rows] = softmax(head.scores((F[test_rows, 0] - mean) / std))
+        yield _candidate("features", probabilities, y, l2=l2), probabilities
 
 
-def _fold(
-    kind: str, head: LinearHead, mean: np.ndarray, std: np.ndarray, feature_dim: int, unit: np.ndarray | None
-) -> FoldedHead:
-    """Undo the standardisation inside the weights: the file takes raw features and base logits."""
-    scaled = head.weight / std  # (K, inputs)
-    bias = head.bias - scaled @ mean
-    feature_weight = prior = None
-    if kind in ("features", "features+prior"):
-        feature_weight = scaled[:, :feature_dim]
-    if kind in ("prior", "features+prior"):
-        prior = unit @ scaled[:, -unit.shape[1] :].T  # (C, K): q @ A.T = p @ (E @ A.T)
-    return FoldedHead(
-        bias=bias.astype(np.float32),
-        feature_weight=None if feature_weight is None else feature_weight.astype(np.float32),
-        prior_matrix=None if prior is None else prior.astype(np.float32),
-        temperature=PRIOR_TEMPERATURE,
-    )
+def _propagated(graph: ClassGraph, S: np.ndarray, setting: PriorSetting) -> np.ndarray:
+    """Each photo's base posterior (its views averaged), propagated over the base classes: (classes, photos)."""
+    posteriors = softmax(S / setting.temperature).mean(axis=1)
+    return graph.propagate(posteriors.T, setting.neighbours, setting.alpha)
+
+
+def _cross_validate_prior(graph: ClassGraph, S: np.ndarray, y: np.ndarray, assignment: np.ndarray, classes: int):
+    """(Candidate, out-of-fold probabilities) for each point of the prior's grid: the mapping learned from the
+    other folds' photos, applied to the held-out photos' centre view."""
+    folds = int(assignment.max()) + 1
+    for temperature in PRIOR_TEMPERATURES:
+        centre = softmax(S[:, 0] / temperature)
+        for neighbours in PRIOR_NEIGHBOURS:
+            for alpha in PRIOR_ALPHAS:
+                if alpha == 0 and neighbours != PRIOR_NEIGHBOURS[0]:
+                    continue  # no propagation: the graph plays no part
+                setting = PriorSetting(neighbours, alpha, temperature)
+                propagated = _propagated(graph, S, setting)
+                probabilities = np.zeros((len(y), classes))
+                for fold in range(folds):
+                    train_rows, test_rows = np.flatnonzero(assignment != fold), np.flatnonzero(assignment == fold)
+                    probabilities[test_rows] = centre[test_rows] @ mapping(propagated, y, train_rows, classes)
+                yield _candidate("prior", probabilities, y, prior=setting), probabilities
 
 
 def _metadata(settings: TrainSettings, report: TrainReport, reference, counts: np.ndarray) -> dict[str, str]:
@@ -378,9 +434,8 @@ def _metadata(settings: TrainSettings, report: TrainReport, reference, counts: n
         "unreadable_photos": len(report.failures),
         "augmentation": settings.augmentation,
         "head": report.head_kind,
-        "l2": report.l2,
+        "head_settings": report.chosen.to_dict() if report.chosen else None,
         "calibration_scale": round(report.calibration, 4),
-        "prior_temperature": PRIOR_TEMPERATURE if "prior" in report.head_kind else None,
         "validation": {
             "method": f"{report.folds}-fold stratified cross-validation on the training photos",
             "accuracy": round(report.accuracy, 4),
