@@ -343,3 +343,64 @@ def test_lite0_task_the_base_model_knows_nothing_of_gets_the_feature_head(
     assert results["auto"][0] == "features", results
     # Measured: features 0.78, the prior alone 0.56 (chance is 0.5).
     assert results["auto"][1] >= 0.7 and results["auto"][1] > results["prior"][1] + 0.1, results
+
+
+# -- --fine-tune (workstation, torch) ----------------------------------------------------------------------------
+
+
+def _two_classes(root: Path, imagenet_samples: list[tuple[Path, int]], per_class: int = 6) -> Path:
+    _link(root, "dog", [p for p, i in imagenet_samples if DOGS[0] <= i <= DOGS[1]][:per_class])
+    _link(root, "no_animal", [p for p, i in imagenet_samples if NO_ANIMAL[0] <= i <= NO_ANIMAL[1]][:per_class])
+    return root
+
+
+@pytest.mark.slow
+def test_fine_tune_lite0_trains_the_last_stage_exports_and_verifies(
+    imagenet_samples: list[tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _two_classes(tmp_path / "data", imagenet_samples)
+    out = tmp_path / "tuned.onnx"
+    args = ["train", str(data), "--fine-tune", "efficientnet_lite0", "-o", str(out), "--epochs", "2", "-q"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    figures = re.search(r"new head only ([\d.]+), head \+ last stage ([\d.]+) \(([\d,]+) parameters", printed)
+    assert figures, printed
+    # Lite0's last block, head convolution and classifier: about a million of its 3.4 M parameters.
+    assert 500_000 < int(figures.group(3).replace(",", "")) < 2_000_000
+    assert "parity vs PyTorch" in printed and printed.count(" ok") >= 3
+    clf = Classifier(out, cache_dir=False)
+    assert clf.labels == ["dog", "no_animal"] and clf.config.architecture == "efficientnet_lite0"
+    dog = next(p for p in (data / "dog").iterdir())
+    assert clf.classify(dog).top1.label in clf.labels
+
+
+@pytest.mark.slow
+def test_fine_tune_sbcformer_from_an_authors_checkpoint(
+    imagenet_samples: list[tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seeded SBCFormer-XS weights saved the way the authors' training script saves them ({"model", "args"})."""
+    import argparse
+
+    torch = pytest.importorskip("torch")
+
+    from sbcrt.export.random_weights import randomize
+    from sbcrt.models.registry import get_architecture
+
+    model = randomize(get_architecture("sbcformer_xs").build(1000), 0)
+    checkpoint = tmp_path / "SBCFormer_XS.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="SBCFormer_XS")}, checkpoint)
+    data = _two_classes(tmp_path / "data", imagenet_samples, per_class=3)
+    out = tmp_path / "xs.onnx"
+    args = ["train", str(data), "--fine-tune", "sbcformer_xs", "--checkpoint", str(checkpoint), "-o", str(out)]
+    assert main([*args, "--epochs", "1", "-q"]) == 0, capsys.readouterr()
+    assert "head + last stage" in capsys.readouterr().out
+    assert Classifier(out, cache_dir=False).labels == ["dog", "no_animal"]
+
+
+def test_fine_tune_refuses_an_unknown_architecture_in_one_line(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")  # without it (a Pi) the refusal is that --fine-tune needs PyTorch
+    assert main(["train", str(small_data), "--fine-tune", "resnet50", "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown architecture 'resnet50'" in err and err.count("\n") == 1

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from sbcrt.commands.arguments import MODEL_ENV, positive_int, resolve_model
+from sbcrt.errors import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -43,6 +44,15 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--confusion-png", type=Path, metavar="FILE", help="also draw the confusion matrix as a PNG")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    tune = p.add_argument_group("workstation only (needs pip install 'sbcrt[export]')")
+    tune.add_argument(
+        "--fine-tune",
+        metavar="ARCH",
+        help="instead of a head on a base .onnx, train the last stage and a new head of ARCH (efficientnet_lite0, "
+        "sbcformer_xs/s/b/l) with torch from its checkpoint, then export and verify like `sbcrt export`",
+    )
+    tune.add_argument("--checkpoint", type=Path, help="--fine-tune: the base weights (default: Lite0's own)")
+    tune.add_argument("--epochs", type=positive_int, default=5, help="--fine-tune: epochs per phase (default 5)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no notes")
     return p
 
@@ -52,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from sbcrt.train.report import draw_confusion_png, render
     from sbcrt.train.trainer import TrainSettings, train
 
+    if args.fine_tune:
+        return _fine_tune(args)
     model = resolve_model(args, required=True)
     settings = TrainSettings(
         data=args.data,
@@ -77,4 +89,28 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(render(report, notes=not args.quiet))
+    return 1 if report.failures else 0
+
+
+def _fine_tune(args: argparse.Namespace) -> int:
+    from sbcrt.commands.eval import ProgressBar
+
+    try:
+        import torch  # noqa: F401 (only to word its absence)
+    except ImportError:
+        raise UsageError("--fine-tune needs PyTorch: pip install 'sbcrt[export]' (on a workstation)") from None
+    from sbcrt.export.fine_tune import FineTuneSettings, fine_tune
+
+    settings = FineTuneSettings(
+        data=args.data, architecture=args.fine_tune, output=args.output, checkpoint=args.checkpoint, epochs=args.epochs
+    )
+    progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
+    try:
+        report = fine_tune(settings, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    for path, error in report.failures:
+        print(f"{path}: error: {error}", file=sys.stderr)
+    print(report.render())
     return 1 if report.failures else 0
