@@ -21,11 +21,13 @@ from onnx import helper, numpy_helper
 from PIL import Image, ImageDraw
 
 from sbcrt.cli import main
+from sbcrt.errors import UsageError
 from sbcrt.runtime.classifier import Classifier
 from sbcrt.train import onnx_wire as wire
 from sbcrt.train.features import open_base
 from sbcrt.train.head import balanced_weights, fit_head
 from sbcrt.train.trainer import TrainSettings, train
+from sbcrt.watch.events import EventRules, parse_rule
 from tests.conftest import REPO, build_onnx
 
 SAMPLES = REPO / "sbcrt" / "data" / "samples"
@@ -103,6 +105,28 @@ def test_train_writes_a_self_describing_model_that_classify_reads(
     weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     expected = flat @ weights["sbcrt_head_weight"].T + weights["sbcrt_head_bias"]
     np.testing.assert_allclose(result.logits, expected[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_prior_head_file_works_with_eval_bench_and_when_rules(
+    tiny_base: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The mixed head (every op the trainer writes: Gemm, Div, Softmax, MatMul, Mul, Add, Log) through the other
+    commands, which know nothing of training."""
+    out = tmp_path / "mixed.onnx"
+    assert main(["train", str(small_data), "-m", str(tiny_base), "-o", str(out), "--head", "features+prior", "-q"]) == 0
+    capsys.readouterr()
+    clf = Classifier(out, cache_dir=False)
+    result = clf.classify(SAMPLES / "coffee.png")
+    assert np.isfinite(result.logits).all() and abs(sum(p.prob for p in result.topk) - 1.0) < 1e-5
+    assert main(["eval", str(small_data), "-m", str(out), "--json", "-q"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["dataset"]["images_evaluated"] == 13 and 0 <= evaluated["model"]["top1"] <= 1, evaluated
+    assert main(["bench", "-m", str(out), "--runs", "3", "--warmup", "1", "--threads", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+    # `watch --when` rules are checked against the model's labels at start: the new ones, not the base model's.
+    EventRules([parse_rule("zz_cat>=0.6")]).check_labels(clf.labels)
+    with pytest.raises(UsageError, match="the model has no class 'tiger cat'"):
+        EventRules([parse_rule("tiger cat>=0.6")]).check_labels(clf.labels)
 
 
 def test_unreadable_photos_are_listed_and_the_run_goes_on(

@@ -36,14 +36,6 @@ AUGMENTATIONS = {"none": ("centre",), "flip": ("centre", "flip"), "crops": VIEWS
 CACHE_FORMAT = 1
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class BaseModel:
     """A base model opened for feature extraction: its bytes split for editing, and what the head needs."""
@@ -89,7 +81,7 @@ def open_base(path: Path) -> BaseModel:
             )
         features = last.inputs[0]
     consumer = next((n for n in graph.nodes if features in n.inputs), None)
-    return BaseModel(path, data, sha256_file(path), parsed, features, scores, inputs[0], consumer)
+    return BaseModel(path, data, hashlib.sha256(data).hexdigest(), parsed, features, scores, inputs[0], consumer)
 
 
 def _json_string(raw: str, path: Path) -> str:
