@@ -31,8 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from sbcrt.runtime.classifier import Classifier  # noqa: E402
 from sbcrt.train.trainer import TrainSettings, train  # noqa: E402
+from tests.support.data import shared_dir  # noqa: E402
 
-SHARED = REPO.parent / "shared" / "data"
+SHARED = shared_dir() / "data"  # $SBCRT_SHARED, else ../shared
 GROUPS = {"dog": [(151, 268)], "bird": [(7, 24), (80, 100), (127, 146)], "other_animal": [(0, 397)]}
 
 

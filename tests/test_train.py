@@ -402,17 +402,11 @@ def test_fine_tune_lite0_trains_the_last_stage_exports_and_verifies(
 def test_fine_tune_sbcformer_from_an_authors_checkpoint(
     imagenet_samples: list[tuple[Path, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Seeded SBCFormer-XS weights saved the way the authors' training script saves them ({"model", "args"})."""
-    import argparse
+    """Seeded SBCFormer-XS weights in the authors' checkpoint layout ({"model", "args", "optimizer", ...})."""
+    pytest.importorskip("torch")
+    from tests.support.export import authors_checkpoint, save, seeded_state_dict
 
-    torch = pytest.importorskip("torch")
-
-    from sbcrt.export.random_weights import randomize
-    from sbcrt.models.registry import get_architecture
-
-    model = randomize(get_architecture("sbcformer_xs").build(1000), 0)
-    checkpoint = tmp_path / "SBCFormer_XS.pth"
-    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="SBCFormer_XS")}, checkpoint)
+    checkpoint = save(authors_checkpoint(seeded_state_dict("sbcformer_xs"), "SBCFormer_XS"), tmp_path / "XS.pth")
     data = _two_classes(tmp_path / "data", imagenet_samples, per_class=3)
     out = tmp_path / "xs.onnx"
     args = ["train", str(data), "--fine-tune", "sbcformer_xs", "--checkpoint", str(checkpoint), "-o", str(out)]
