@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from sbcrt.commands.arguments import MODEL_ENV, positive_int, resolve_model
 from sbcrt.errors import UsageError
@@ -58,7 +60,6 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sbcrt.commands.eval import ProgressBar
     from sbcrt.train.report import draw_confusion_png, render
     from sbcrt.train.trainer import TrainSettings, train
 
@@ -75,16 +76,9 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         cache_dir=False if args.no_cache else None,
     )
-    progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
-    try:
-        report = train(settings, progress=progress)
-    finally:
-        if progress:
-            progress.close()
+    report = _with_progress(args, train, settings)
     if args.confusion_png is not None:
         draw_confusion_png(report, args.confusion_png)
-    for path, error in report.failures:
-        print(f"{path}: error: {error}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -92,9 +86,22 @@ def run(args: argparse.Namespace) -> int:
     return 1 if report.failures else 0
 
 
-def _fine_tune(args: argparse.Namespace) -> int:
+def _with_progress(args: argparse.Namespace, work: Callable[..., Any], settings: object) -> Any:
+    """Run `work(settings)` with a progress bar on a terminal; print each unreadable photo's error line."""
     from sbcrt.commands.eval import ProgressBar
 
+    progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
+    try:
+        report = work(settings, progress=progress)
+    finally:
+        if progress:
+            progress.close()
+    for path, error in report.failures:
+        print(f"{path}: error: {error}", file=sys.stderr)
+    return report
+
+
+def _fine_tune(args: argparse.Namespace) -> int:
     try:
         import torch  # noqa: F401 (only to word its absence)
     except ImportError:
@@ -104,13 +111,6 @@ def _fine_tune(args: argparse.Namespace) -> int:
     settings = FineTuneSettings(
         data=args.data, architecture=args.fine_tune, output=args.output, checkpoint=args.checkpoint, epochs=args.epochs
     )
-    progress = ProgressBar() if not args.quiet and sys.stderr.isatty() else None
-    try:
-        report = fine_tune(settings, progress=progress)
-    finally:
-        if progress:
-            progress.close()
-    for path, error in report.failures:
-        print(f"{path}: error: {error}", file=sys.stderr)
+    report = _with_progress(args, fine_tune, settings)
     print(report.render())
     return 1 if report.failures else 0
