@@ -12,7 +12,7 @@ from sbcrt import __version__
 from sbcrt.errors import SbcrtError, SettingError, UsageError
 
 # Each module has `register(subparsers)` (argparse only, no heavy imports) and `run(args) -> int`.
-COMMANDS = ("export", "classify", "info", "watch", "eval", "bench", "service")
+COMMANDS = ("export", "classify", "info", "watch", "eval", "bench", "service", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

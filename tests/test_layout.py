@@ -1,7 +1,8 @@
 """The layout's rules, read from the source (ast) of every module in sbcrt/:
 
-- the torch-free side (sbcrt/runtime, sbcrt/watch, sbcrt/service.py, sbcrt/commands/*) never imports sbcrt.export,
-  sbcrt.models or torch; only commands/export.py may, inside a function (after parsing, once the user asked for it);
+- the torch-free side (sbcrt/runtime, sbcrt/watch, sbcrt/train, sbcrt/service.py, sbcrt/commands/*) never imports
+  sbcrt.export, sbcrt.models or torch; only commands/export.py and commands/train.py (for --fine-tune) may, inside
+  a function (after parsing, once the user asked for it);
 - model code (sbcrt/models) knows nothing of the runtime, the camera loop, the CLI or the export stage;
 - library code (everything but sbcrt/commands, sbcrt/cli.py, sbcrt/__main__.py) never imports the CLI and never
   prints: it returns values, raises SbcrtError and logs; the CLI parses and prints. Its errors name no CLI flag
@@ -25,6 +26,7 @@ PACKAGE = REPO / "sbcrt"
 
 TORCH_SIDE = ("sbcrt.export", "sbcrt.models", "torch")
 CLI = ("sbcrt.cli", "sbcrt.commands")
+TORCH_COMMANDS = ("sbcrt.commands.export", "sbcrt.commands.train")  # the workstation commands (export, --fine-tune)
 
 
 @dataclass(frozen=True)
@@ -127,10 +129,11 @@ def violations(rule: str) -> list[str]:
     out = []
     for name, (path, facts) in MODULES.items():
         if rule == "torch-free":
-            if not (is_under(name, ("sbcrt.runtime", "sbcrt.watch", "sbcrt.commands")) or name == "sbcrt.service"):
+            torch_free = ("sbcrt.runtime", "sbcrt.watch", "sbcrt.train", "sbcrt.commands")
+            if not (is_under(name, torch_free) or name == "sbcrt.service"):
                 continue
             for imp in facts.imports:
-                if is_under(imp.module, TORCH_SIDE) and not (name == "sbcrt.commands.export" and imp.lazy):
+                if is_under(imp.module, TORCH_SIDE) and not (name in TORCH_COMMANDS and imp.lazy):
                     out.append(where(path, imp.line, f"imports {imp.module}"))
         elif rule == "models":
             if not is_under(name, ("sbcrt.models",)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import json
 import os
 import shutil
 import time
@@ -278,11 +279,15 @@ def _labels(num_classes: int, labels_path: Path | None, notes: list[str]) -> lis
 
 def _set_metadata(model: onnx.ModelProto, config: ModelConfig) -> None:
     props = config.to_props()
-    kept = [p for p in model.metadata_props if p.key not in props]
+    kept = [p for p in model.metadata_props if p.key not in props and p.key != "features_output"]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
+    # `sbcrt train` reads the pooled features (the classifier's input) by this name instead of guessing.
+    head = next((n for n in reversed(model.graph.node) if n.op_type in ("Gemm", "MatMul")), None)
+    if head is not None:
+        model.metadata_props.add(key="features_output", value=json.dumps(head.input[0]))
     model.producer_name = "sbcrt"
     model.producer_version = __version__
     model.doc_string = f"{config.architecture} exported by sbcrt {__version__}; see metadata_props."

@@ -7,9 +7,10 @@
 ARM64_CPUS ?= cortex-a72 cortex-a76
 # The runtime's own tests that run unchanged on arm64. Left out: test_runtime_cli.py and the subprocess tests in
 # test_runtime_classifier.py start `sys.executable` as a child, which needs binfmt (not registered here, and
-# not needed on a Pi); test_runtime_lite0.py exports with torch (arm64_parity.py covers Lite0 instead).
-ARM64_RUNTIME_TESTS ?= tests/test_runtime_images.py tests/test_runtime_classifier.py
-ARM64_RUNTIME_PYTEST_ARGS ?= -k "not never_loads_torch_or_onnx and not telemetry"
+# not needed on a Pi); test_runtime_lite0.py and test_train.py's lite0 tests export with torch (arm64_parity.py
+# covers Lite0 instead). `sbcrt train` itself runs here: it must train on a Pi.
+ARM64_RUNTIME_TESTS ?= tests/test_runtime_images.py tests/test_runtime_classifier.py tests/test_train.py
+ARM64_RUNTIME_PYTEST_ARGS ?= -k "not never_loads_torch_or_onnx and not telemetry and not lite0"
 
 .PHONY: test-arm64 arm64-userland arm64-qemu
 
