@@ -723,7 +723,8 @@ def test_snapshot_is_scaled_for_the_page_and_encoded_at_most_once_a_second() -> 
         feed(1)
         status, headers, first = get(port, "/snapshot.jpg")
         assert status == 200 and headers["X-Frame"] == "1"
-        assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == (1080 * PAGE_WIDTH // 1920, PAGE_WIDTH, 3)
+        page_size = (1080 * PAGE_WIDTH // 1920, PAGE_WIDTH, 3)
+        assert cv2.imdecode(np.frombuffer(first, np.uint8), cv2.IMREAD_COLOR).shape == page_size
         _, headers, full = get(port, "/snapshot.jpg?full=1")
         assert cv2.imdecode(np.frombuffer(full, np.uint8), cv2.IMREAD_COLOR).shape == (1080, 1920, 3)
         feed(2)  # a new frame within the second: the encoding of frame 1 is served again
