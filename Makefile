@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[export,mqtt,http,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[export,ncnn,mqtt,http,dev]"
 	touch $@
 
 lint: setup

@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if model:
         pre, session = model["preprocessing"], model["session"]
         cache_state = "cached optimised graph" if session["cache_hit"] else "optimised now"
+        if session["engine"] == "ncnn":
+            cache_state = "digests checked"  # ncnn packs its weights as it loads: there is no graph to cache
         lines += [
             f"model: {model['path']}",
             f"  architecture: {model['architecture']}"
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if model["exporter"]:
             lines.append(f"  exported by: {model['exporter']}")
         lines.append(
-            f"  session: {', '.join(session['providers'])}, {session['threads']} threads, "
+            f"  engine: {session['engine']} ({session['file']}): {', '.join(session['providers'])}, "
+            f"{session['threads']} threads, "
             f"loaded in {session['load_ms']:.0f} ms ({cache_state})"
         )
         lines += [f"  note: {note}" for note in model["notes"]]

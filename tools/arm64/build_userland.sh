@@ -28,7 +28,7 @@ case "${1:-}" in
     *) echo "usage: $0 [--with-tests]" >&2; exit 2 ;;
 esac
 
-inputs=("$HERE/build_userland.sh" "$HERE/debian-packages.txt" "$REPO/requirements-runtime.txt")
+inputs=("$HERE/build_userland.sh" "$HERE/debian-packages.txt" "$REPO/requirements-runtime.txt" "$REPO/requirements-ncnn.txt")
 requirements=(-r "$REPO/requirements-runtime.txt")
 if ((with_tests)); then
     inputs+=("$HERE/requirements-test.txt")
@@ -102,8 +102,12 @@ log "pip: aarch64 wheels pinned in $(printf '%s ' "${requirements[@]}" | sed "s|
 "$PIP" install --quiet --disable-pip-version-check --no-compile --target "$site" --only-binary=:all: \
     --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none "${platforms[@]}" \
     "${requirements[@]}" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+# The ncnn engine without its declared dependencies (see requirements-ncnn.txt: they serve only ncnn.model_zoo).
+"$PIP" install --quiet --disable-pip-version-check --no-compile --target "$site" --only-binary=:all: --no-deps \
+    --implementation cp --python-version 3.11 --abi cp311 "${platforms[@]}" -r "$REPO/requirements-ncnn.txt" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 # The requirements files must be a closed set: anything pip added on its own is an unpinned dependency.
-python3 "$HERE/check_closure.py" "$site" "$REPO/requirements-runtime.txt" \
+python3 "$HERE/check_closure.py" "$site" "$REPO/requirements-runtime.txt" "$REPO/requirements-ncnn.txt" \
     $( ((with_tests)) && echo "$HERE/requirements-test.txt")
 
 # Debian's .debs carry no bytecode (dpkg's postinst compiles it) and every emulated start would otherwise
