@@ -12,7 +12,7 @@ from typing import Any
 
 from sbcrt.commands.arguments import add_model_arguments, load_classifier, resolve_model
 
-PACKAGES = ("numpy", "onnxruntime", "pillow", "opencv-python-headless", "opencv-python")
+PACKAGES = ("numpy", "onnxruntime", "ncnn", "pillow", "opencv-python-headless", "opencv-python")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
