@@ -227,6 +227,13 @@ def test_export_writes_a_verified_ncnn_model_beside_the_onnx_file(tmp_path: Path
     assert done.stdout.count("  ok") == 6 and "FAILED" not in done.stdout  # 3 ONNX checks, 3 ncnn checks
     model = NcnnModel.read(companion(out))
     assert model.converter.startswith("pnnx ") and model.source_sha256
+    # ncnn's forms: the head's global mean as ncnn's global Pooling, not a generic Reduction; the attention scale
+    # (0.25 for XS's 16-wide keys) folded into q's projection, not a multiply layer per attention map.
+    param = model.param.decode()
+    assert "\nReduction " not in param and any(
+        line.startswith("Pooling ") and line.endswith(" 0=1 4=1") for line in param.splitlines()
+    )
+    assert "0=2 1=1 2=0.25" not in param
     ncnn = Classifier(out, engine="ncnn", threads=1)
     reference = Classifier(out, engine="onnxruntime", threads=1, cache_dir=False)
     assert ncnn.config == reference.config and ncnn.config.untrained

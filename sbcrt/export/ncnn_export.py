@@ -22,6 +22,10 @@ PNNX_NEEDS = 'converting to ncnn needs pnnx and ncnn: pip install "sbcrt[export]
 PNNX_TIMEOUT_S = 1800
 # pnnx names the graph's blobs in0.. and out0..; the param's Input layer line is "Input <name> 0 1 <blob>".
 INPUT_LINE = re.compile(r"^Input\s+\S+\s+0\s+1\s+(\S+)", re.MULTILINE)
+# The classifier's global average pool (ONNX ReduceMean over H and W, or GlobalAveragePool + Flatten) comes out of
+# pnnx as a generic Reduction (mean, axes 1 and 2, no kept dims), which ncnn runs unpacked and scalar. ncnn's
+# global average Pooling computes the same 1-D mean per channel with its packed NEON kernel.
+GLOBAL_MEAN = re.compile(r"^Reduction(\s+)(\S+)(\s+)1 1 (\S+) (\S+) 0=3 1=0 -23303=2,1,2 4=0 5=1[ \t]*$", re.MULTILINE)
 
 
 def pnnx_executable() -> Path:
@@ -65,6 +69,8 @@ def convert(onnx_payload: bytes, input_shape: list[int], config: ModelConfig, so
             raise SbcrtError(f"pnnx could not convert the model to ncnn (exit {done.returncode}): {last[:300]}")
         param_bytes, weights_bytes = param.read_bytes(), weights.read_bytes()
     text = param_bytes.decode("utf-8", errors="replace")
+    text = GLOBAL_MEAN.sub(r"Pooling\1\2\g<3>1 1 \4 \5 0=1 4=1", text)
+    param_bytes = text.encode()
     inputs = INPUT_LINE.findall(text)
     if len(inputs) != 1:
         raise SbcrtError(f"pnnx's ncnn model has {len(inputs)} inputs; sbcrt needs one image input")

@@ -26,7 +26,7 @@ from sbcrt.export.arm_forms import rewrite_depthwise
 from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
-from sbcrt.export.rewrite import rewrite_for_inference
+from sbcrt.export.rewrite import fold_attention_scale, rewrite_for_inference
 from sbcrt.models.registry import Architecture, UnknownArchitecture, WeightsUnavailable, get_architecture
 from sbcrt.runtime.atomic import check_writable, write_atomically, write_error
 from sbcrt.runtime.image_files import folder_images
@@ -252,8 +252,13 @@ def export_model(
             f"{failed[0].tolerance:.3g}; nothing written.\n{report.render()}"
         )
     if engine == "ncnn":
-        _set_metadata(neutral, config)
-        converted = ncnn_export.convert(neutral.SerializeToString(), list(spec.data.input_size), config, payload)
+        ncnn_graph = neutral
+        if rewrite and spec.name.startswith("sbcformer"):
+            # ncnn runs the attention scale as a layer of its own: its graph has it folded into q's projection.
+            folded_scale = fold_attention_scale(copy.deepcopy(prepared))
+            ncnn_graph = graph.to_onnx(folded_scale, spec.data.input_size, opset)
+        _set_metadata(ncnn_graph, config)
+        converted = ncnn_export.convert(ncnn_graph.SerializeToString(), list(spec.data.input_size), config, payload)
         ncnn_payload = converted.to_bytes()
         runner = ncnn_export.engine_for(ncnn_payload, companion(output))
         report.ncnn_output, report.ncnn_size_bytes = companion(output), len(ncnn_payload)

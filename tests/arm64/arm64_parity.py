@@ -43,8 +43,9 @@ LOGIT_TOLERANCE = 1e-5
 # where its input tensors differ, the logits get this looser bound instead.
 FRAME_PIXEL_STEP_TOLERANCE = 1
 FRAME_LOGIT_TOLERANCE = 2e-2
-# x86 onnxruntime vs the Pi's ncnn engine: the export's own bound against PyTorch (measured ~1e-6 on Lite0).
-NCNN_LOGIT_TOLERANCE = 1e-4
+# x86 onnxruntime vs the Pi's ncnn engine (other kernels, other summation orders): measured <= 8.7e-7 x the logit
+# scale on Lite0 and SBCFormer-XS (photos and the frame); 11x room, 10x tighter than the export's bound.
+NCNN_LOGIT_TOLERANCE = 1e-5
 NCNN_SUFFIX = "_ncnn"
 
 
