@@ -20,6 +20,10 @@ between them. Counts are cached per model file, CPU and everything that could ch
 count_ncnn.py) and LiteRT with its default XNNPACK delegate (litert-torch's conversion of the PyTorch module
 with the same weights, tools/arm64/insn_count/convert_litert.py; count_litert.py), their logits checked
 against onnxruntime's; the peers' wheels and the converter's venv stay in folders of their own.
+
+Each --model runs with the engine `sbcrt classify --model FILE --engine E` picks on a Pi (--engine, default
+auto: sbcrt's ncnn engine when FILE.ncnn from `sbcrt export --engine ncnn` is beside it, as the userland has the
+ncnn package), through the runtime's own code; --fp16 adds a row with the ncnn engine's --fp16.
 """
 
 from __future__ import annotations
@@ -237,7 +241,7 @@ class Counter:
         qemu, version = plugin_capable_qemu()
         return cls(qemu, build_plugin(plugin_header(version)), arm64_userland())
 
-    def identity(self, cpu: str) -> bytes:
+    def identity(self, cpu: str, engine: str = "onnxruntime") -> bytes:
         """Everything besides the model that decides a count: the plugin, the guest driver, the userland (its
         folder name is a hash of its pins), the emulated CPU's description, sbcrt's session code, QEMU."""
         cpu_files = sorted(p for p in (TOOLS / "cpu" / cpu).rglob("*") if p.is_file())
@@ -247,6 +251,8 @@ class Counter:
             REPO / "sbcrt" / "runtime" / "session.py",
             *cpu_files,
         ]
+        if engine != "onnxruntime":  # the ncnn engine runs through the Classifier: all of the runtime counts
+            parts += sorted((REPO / "sbcrt" / "runtime").rglob("*.py"))
         return "|".join([sha256_of(*parts), self.userland.name, str(self.qemu), cpu]).encode()
 
 
@@ -458,13 +464,42 @@ class Job:
     repeat: int
     engine: str = "onnxruntime"  # or a peer: "ncnn" (fp32), "ncnn-fp16" (ncnn's default where fp16 runs), "litert"
     source: Path | None = None  # a peer's job: the ONNX file its model was converted from
+    requested: str = "auto"  # sbcrt's own jobs: the --engine the guest is given (it resolves it as classify does)
+
+
+# sbcrt's own ncnn engine (sbcrt/runtime/engines/ncnn.py), fp32 and with --fp16: not peers, what ships.
+SBCRT_NCNN = {"sbcrt-ncnn": False, "sbcrt-ncnn-fp16": True}
+
+
+def sbcrt_engine(path: Path, requested: str) -> str:
+    """The engine the emulated Pi will pick for `path` (aarch64, the userland has ncnn), as the guest's
+    sbcrt.runtime.engines.resolve does: "onnxruntime" or "sbcrt-ncnn"."""
+    from sbcrt.errors import UsageError
+    from sbcrt.runtime.engines import resolve
+
+    try:
+        name, _ = resolve(path, requested, machine="aarch64", have_ncnn=True)
+    except UsageError as exc:
+        raise SystemExit(f"arm_count: {exc}") from None
+    return "onnxruntime" if name == "onnxruntime" else "sbcrt-ncnn"
+
+
+def has_fp16(cpu: str) -> bool:
+    """Whether the emulated CPU's /proc/cpuinfo lists half-precision arithmetic (asimdhp: the A76, not the A72)."""
+    cpuinfo = TOOLS / "cpu" / cpu / "proc" / "cpuinfo"
+    return cpuinfo.is_file() and "asimdhp" in cpuinfo.read_text().split()
 
 
 def count(counter: Counter, job: Job, fresh: bool) -> dict:
-    identity = counter.identity(job.cpu)
-    if job.engine != "onnxruntime":
+    own = job.engine == "onnxruntime" or job.engine in SBCRT_NCNN
+    identity = counter.identity(job.cpu, "onnxruntime" if job.engine == "onnxruntime" else "ncnn")
+    if not own:
         identity += b"|" + peers.identity(job.engine)
-    model_files = [job.model] if job.engine == "onnxruntime" else peers.model_files(job.engine, job.model)
+    else:
+        identity += f"|{job.engine}|{job.requested}".encode()
+    model_files = [job.model] if own else peers.model_files(job.engine, job.model)
+    if job.engine in SBCRT_NCNN:
+        model_files += [p for p in (job.model.with_suffix(".onnx"), job.model.with_suffix(".ncnn")) if p.is_file()]
     key = sha256_of(*model_files, identity, f"{job.threads}|{job.warmup}|{job.repeat}".encode())
     cached = COUNT_DIR / "results" / f"{key[:20]}.json"
     if cached.is_file() and not fresh:
@@ -485,9 +520,13 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         str(COUNTER_SOURCES / "count_inference.py"),
         str(job.model.resolve()),
         f"--threads={job.threads}",
+        f"--engine={job.requested}",
     ]
     logits = None
-    if job.engine != "onnxruntime":
+    if job.engine in SBCRT_NCNN:
+        logits = regions_file.with_suffix(".npy")
+        guest += [f"--logits={logits}", *(["--fp16"] if SBCRT_NCNN[job.engine] else [])]
+    elif job.engine != "onnxruntime":
         logits = regions_file.with_suffix(".npy")
         env["PYTHONPATH"] = str(peers.aarch64_site(job.engine))  # the peer's wheel, in a folder of its own
         guest = peers.guest_command(job.engine, job.model, logits)
@@ -513,6 +552,9 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
     seconds = round(time.monotonic() - started, 1)
     if done.returncode != 0:
         raise RuntimeError(f"{job.label} on {job.cpu}: emulated run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    guest_info = json.loads(done.stdout.strip().splitlines()[-1])
+    if own and guest_info.get("engine") != ("onnxruntime" if job.engine == "onnxruntime" else "ncnn"):
+        raise RuntimeError(f"{job.label} on {job.cpu}: expected {job.engine}, the guest ran {guest_info.get('engine')}")
     regions = [json.loads(line) for line in regions_file.read_text().splitlines()]
     regions_file.unlink()
     errors = [r["error"] for r in regions if "error" in r]
@@ -530,12 +572,12 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         "classes": chosen["classes"],
         "repeat": job.repeat,
         "spread": spread(regions),
-        "guest": json.loads(done.stdout.strip().splitlines()[-1]),
+        "guest": guest_info,
         "emulated_seconds": seconds,
     }
     result["stable"] = is_stable(result["spread"])
+    result["engine"] = job.engine
     if logits is not None:
-        result["engine"] = job.engine
         result["vs_onnxruntime"] = peers.check_logits(job.source, logits)
         logits.unlink()
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -588,6 +630,8 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
         }
         if arch in ARM64_TARGET_ARCHS:
             variants[f"{arch}.arm64"] = {"target": "arm64"}
+        # sbcrt's default export with its .ncnn beside it: what `sbcrt classify` runs on a Pi with sbcrt[ncnn].
+        variants[f"{arch}.ncnn"] = {"engine": "ncnn"}
         for label, options in variants.items():
             path = out_dir / f"{label}.onnx"
             if not path.is_file():
@@ -604,6 +648,7 @@ def standard_matrix() -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
         ]
         if arch in ARM64_TARGET_ARCHS:
             ratios.append((f"{arch}.arm64", arch))
+        ratios.append((f"{arch}.ncnn", arch))
     for stale in out_dir.parent.iterdir():  # exports of older export code: ~250 MB each
         if stale != out_dir and stale.is_dir():
             shutil.rmtree(stale)
@@ -699,10 +744,10 @@ def markdown_report(results: list[dict], ratios: list[tuple[str, str]]) -> str:
 
 
 def parse_model(value: str) -> tuple[str, Path]:
-    """PATH, or LABEL=PATH; the label defaults to the file name without .onnx."""
+    """PATH, or LABEL=PATH; the label defaults to the file name without .onnx (or .ncnn)."""
     label, sep, path = value.partition("=")
     if not sep:
-        label, path = Path(value).name.removesuffix(".onnx"), value
+        label, path = Path(value).name.removesuffix(".onnx").removesuffix(".ncnn"), value
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"no such model file: {path}")
     return label, Path(path)
@@ -741,6 +786,16 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help=f"also count each model in these runtimes (comma-separated: {', '.join(peers.ENGINES)}), 1 thread",
     )
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "onnxruntime", "ncnn"),
+        default="auto",
+        help="sbcrt's engine for every --model, as `sbcrt classify --engine` (default auto: ncnn when MODEL.ncnn "
+        "is beside the file)",
+    )
+    parser.add_argument(
+        "--fp16", action="store_true", help="also count the ncnn engine with --fp16 (on CPUs with asimdhp: the A76)"
+    )
     parser.add_argument("--fresh", action="store_true", help="count again instead of using cached counts")
     parser.add_argument("--json", type=Path, help="write the results as JSON")
     parser.add_argument("--markdown", type=Path, help="write the tables as markdown")
@@ -761,7 +816,30 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     counter = Counter.prepare()
-    jobs = [Job(label, path, cpu, args.threads, args.warmup, args.repeat) for cpu in cpus for label, path in models]
+    jobs = []
+    for label, path in list(models):
+        engine = sbcrt_engine(path, args.engine)
+        source = path.with_suffix(".onnx") if path.with_suffix(".onnx").is_file() else None
+        jobs += [
+            Job(label, path, cpu, args.threads, args.warmup, args.repeat, engine, source, args.engine) for cpu in cpus
+        ]
+        if args.fp16 and engine == "sbcrt-ncnn":
+            models.append((f"{label}.fp16", path))
+            jobs += [
+                Job(
+                    f"{label}.fp16",
+                    path,
+                    cpu,
+                    args.threads,
+                    args.warmup,
+                    args.repeat,
+                    "sbcrt-ncnn-fp16",
+                    source,
+                    args.engine,
+                )
+                for cpu in cpus
+                if has_fp16(cpu)
+            ]
     # Peers run the fp32 graphs: every --model, and of the standard matrix sbcrt's default export of each arch.
     peer_sources = dict.fromkeys([*args.model, *((label, path) for label, path in models if label in STANDARD_ARCHS)])
     for label, path in peer_sources if args.peers else []:

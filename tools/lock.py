@@ -56,21 +56,21 @@ LOCKS = (
     Lock(
         "requirements.lock",
         "x86_64-manylinux_2_28",
-        ("export", "mqtt", "http", "dev"),
+        ("export", "ncnn", "mqtt", "http", "dev"),
         tools=True,
         purpose="x86-64: `make setup`'s venv, everything.",
     ),
     Lock(
         "requirements-runtime.lock",
         "aarch64-manylinux_2_36",  # bookworm's glibc 2.36
-        (),
-        purpose="aarch64: the runtime alone, what the image installs.",
+        ("ncnn",),  # the engine `--engine auto` picks on a Pi
+        purpose="aarch64: the runtime and its ncnn engine, what the image installs.",
     ),
     Lock(
         "tools/arm64/requirements-test.lock",
         "aarch64-manylinux_2_36",
-        ("export", "dev"),
-        only=("pytest", "onnx"),  # pytest runs the runtime's tests, onnx builds their tiny models
+        ("ncnn", "export", "dev"),
+        only=("ncnn", "pytest", "onnx"),  # pytest runs the runtime's tests, onnx builds their tiny models
         purpose="aarch64: the runtime and its tests, the emulated userland of `make test-arm64`.",
     ),
 )

@@ -92,7 +92,9 @@ def add_model_arguments(
     """--model and the session flags, shared by every command that runs a model. `bench` sweeps a list of
     thread counts, so declares its own --threads (threads=False); `watch` never spins (spin=False: its capture
     thread shares the cores, and spinning inference threads would starve it)."""
-    p.add_argument("-m", "--model", type=Path, help=f"the .onnx model ({required_help}; default: ${MODEL_ENV})")
+    p.add_argument(
+        "-m", "--model", type=Path, help=f"the .onnx (or .ncnn) model ({required_help}; default: ${MODEL_ENV})"
+    )
     if threads:
         p.add_argument("--threads", type=positive_int, help="inference threads (default: one per physical core)")
     if spin:
@@ -104,6 +106,18 @@ def add_model_arguments(
     else:
         p.set_defaults(no_spin=True)
     p.add_argument("--no-cache", action="store_true", help="do not read or write the optimised-graph cache")
+    p.add_argument(
+        "--engine",
+        choices=("auto", "onnxruntime", "ncnn"),
+        default="auto",
+        help="auto (default): ncnn on 64-bit ARM when MODEL.ncnn (sbcrt export --engine ncnn) and the ncnn "
+        "package are there, else onnxruntime",
+    )
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="ncnn engine: half-precision storage and arithmetic where the CPU has it (Pi 5)",
+    )
 
 
 def resolve_model(args: argparse.Namespace, *, required: bool) -> Path | None:
@@ -140,4 +154,6 @@ def load_classifier(
         mean=getattr(args, "mean", None),
         std=getattr(args, "std", None),
         labels=labels,
+        engine=args.engine,
+        fp16=args.fp16,
     )

@@ -95,6 +95,8 @@ def measure(
     spin: bool = True,
     cache_dir: bool | None = None,
     block: int = 5,
+    engine: str = "auto",
+    fp16: bool = False,
 ) -> dict[str, Any]:
     """Latency of `model` at each thread count, interleaved in blocks of `block` timed runs.
 
@@ -107,7 +109,9 @@ def measure(
     sessions = []
     for count in threads:
         start = time.perf_counter()
-        classifier = Classifier(model, threads=count, spin=spin, cache_dir=cache_dir, warmup=False)
+        classifier = Classifier(
+            model, threads=count, spin=spin, cache_dir=cache_dir, warmup=False, engine=engine, fp16=fp16
+        )
         created_ms = (time.perf_counter() - start) * 1000
         tensor = classifier.preprocess(SAMPLE_PHOTO)
         start = time.perf_counter()
@@ -151,6 +155,7 @@ def measure(
             "precision": first.config.precision,
             "untrained": first.config.untrained,
             "input_shape": list(first.input_shape),
+            "engine": first.engine.name,
             "providers": first.session_info.providers,
             "spin": spin,
         },
@@ -177,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         spin=not args.no_spin,
         cache_dir=False if args.no_cache else None,
+        engine=args.engine,
+        fp16=args.fp16,
     )
     cores = report["machine"]["physical_cores"]
     if any(t > cores for t in threads):
@@ -193,7 +200,7 @@ def render(report: dict[str, Any]) -> str:
     untrained = ", UNTRAINED" if model["untrained"] else ""
     lines = [
         f"model: {model['path']} ({model['architecture']}, {model['precision']}{untrained}), input "
-        f"{tuple(model['input_shape'])}, {', '.join(model['providers'])}",
+        f"{tuple(model['input_shape'])}, {model['engine']}: {', '.join(model['providers'])}",
         f"machine: {machine['cpu']} ({machine['machine']}), {machine['physical_cores']} physical cores; features: "
         f"{' '.join(machine['features']) or 'none of note'}; onnxruntime {machine['onnxruntime']}",
         f"{report['runs']} timed runs per thread count after {report['warmup']} warm-up runs, interleaved (ms):",

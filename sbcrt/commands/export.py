@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "instructions (a Pi; fp32 only; slower on x86). Default: the graph for any CPU",
     )
     p.add_argument(
+        "--engine",
+        choices=("onnxruntime", "ncnn"),
+        default="onnxruntime",
+        help="ncnn: also write MODEL.ncnn beside the .onnx file (pnnx's conversion, checked against PyTorch), "
+        "which the runtime picks on 64-bit ARM. Default: the .onnx file only",
+    )
+    p.add_argument(
         "--no-rewrite",
         action="store_true",
         help="keep the authors' graph structure (still folded): for comparing against sbcrt's layout rewrites",
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         opset=args.opset,
         rewrite=not args.no_rewrite,
         target=args.target,
+        engine=args.engine,
         int8=args.int8,
         calib_dir=args.calib,
         calib_count=args.calib_count,

@@ -12,7 +12,7 @@ from typing import Any
 
 from sbcrt.commands.arguments import add_model_arguments, load_classifier, resolve_model
 
-PACKAGES = ("numpy", "onnxruntime", "pillow", "opencv-python-headless", "opencv-python")
+PACKAGES = ("numpy", "onnxruntime", "ncnn", "pillow", "opencv-python-headless", "opencv-python")
 
 
 def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -75,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if model:
         pre, session = model["preprocessing"], model["session"]
         cache_state = "cached optimised graph" if session["cache_hit"] else "optimised now"
+        if session["engine"] == "ncnn":
+            cache_state = "digests checked"  # ncnn packs its weights as it loads: there is no graph to cache
         lines += [
             f"model: {model['path']}",
             f"  architecture: {model['architecture']}"
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if model["exporter"]:
             lines.append(f"  exported by: {model['exporter']}")
         lines.append(
-            f"  session: {', '.join(session['providers'])}, {session['threads']} threads, "
+            f"  engine: {session['engine']} ({session['file']}): {', '.join(session['providers'])}, "
+            f"{session['threads']} threads, "
             f"loaded in {session['load_ms']:.0f} ms ({cache_state})"
         )
         lines += [f"  note: {note}" for note in model["notes"]]

@@ -22,16 +22,17 @@ import torch
 
 from sbcrt import __version__
 from sbcrt.errors import SbcrtError, SettingError, UsageError
-from sbcrt.export import graph, quantize
+from sbcrt.export import graph, ncnn_export, quantize
 from sbcrt.export.arm_forms import rewrite_depthwise
 from sbcrt.export.checkpoint import load_checkpoint, load_weights, num_classes_of
 from sbcrt.export.fold import prepare_for_export
 from sbcrt.export.random_weights import randomize
-from sbcrt.export.rewrite import rewrite_for_inference
+from sbcrt.export.rewrite import fold_attention_scale, rewrite_for_inference
 from sbcrt.models.registry import Architecture, UnknownArchitecture, WeightsUnavailable, get_architecture
 from sbcrt.runtime.atomic import check_writable, write_atomically, write_error
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels, read_labels_file
+from sbcrt.runtime.ncnn_file import companion
 
 # ONNX vs PyTorch: max |difference| of the logits must stay within this fraction of the largest |logit|.
 RELATIVE_TOLERANCE = 1e-4
@@ -71,6 +72,9 @@ class ExportReport:
     parity: list[ParityCheck] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     int8: quantize.Int8Agreement | None = None  # set for an int8 export
+    ncnn_output: Path | None = None  # the .ncnn file written beside the ONNX one (--engine ncnn)
+    ncnn_parity: list[ParityCheck] = field(default_factory=list)
+    ncnn_size_bytes: int = 0
     seconds: float = 0.0
     size_bytes: int = 0
 
@@ -103,6 +107,17 @@ class ExportReport:
                 f"    {check.inputs:<28} {check.max_abs_diff:.2e} <= {check.tolerance:.2e}  "
                 f"top-1 {'same' if check.same_top1 else 'DIFFERS'}  {verdict}"
             )
+        if self.ncnn_parity:
+            lines.append(
+                f"  ncnn model -> {self.ncnn_output} ({self.ncnn_size_bytes / 1e6:.1f} MB), parity vs PyTorch "
+                "(the runtime's ncnn engine, fp32):"
+            )
+            for check in self.ncnn_parity:
+                verdict = "ok" if check.passed else "FAILED"
+                lines.append(
+                    f"    {check.inputs:<28} {check.max_abs_diff:.2e} <= {check.tolerance:.2e}  "
+                    f"top-1 {'same' if check.same_top1 else 'DIFFERS'}  {verdict}"
+                )
         if self.int8 is not None:
             lines.append(f"  int8 (static QDQ, checked fp32 graph above) vs fp32: {self.int8.render()}")
         lines += [f"  note: {note}" for note in self.notes]
@@ -126,6 +141,7 @@ def export_model(
     calib_count: int = 100,
     keep_fp32: list[str] | None = None,
     target: str = "any",
+    engine: str = "onnxruntime",
 ) -> ExportReport:
     """Export `arch` to `output`; raises SbcrtError (and writes nothing) if any check fails.
 
@@ -136,6 +152,8 @@ def export_model(
     photos of `calib_dir`, after the fp32 graph has passed its parity check.
     `target="arm64"` writes depthwise convolutions in the forms onnxruntime's aarch64 kernels run with fewer
     instructions (sbcrt/export/arm_forms.py); they are slower on x86, so the default graph stays CPU-neutral.
+    `engine="ncnn"` also writes the .ncnn model beside `output` (sbcrt/export/ncnn_export.py): pnnx's conversion
+    of the CPU-neutral fp32 graph, checked against PyTorch with the same bound through the runtime's ncnn engine.
     """
     started = time.perf_counter()
     if opset < 17:
@@ -154,6 +172,13 @@ def export_model(
             target,
             cites=["int8"],
         )
+    if engine not in ("onnxruntime", "ncnn"):
+        raise UsageError(f"engine must be 'onnxruntime' or 'ncnn', not {engine!r}")
+    if engine == "ncnn" and int8:
+        raise SettingError("engine", "ncnn is fp32 only (its fp16 is a runtime choice: {fp16})", engine, cites=["fp16"])
+    if engine == "ncnn":
+        ncnn_export.pnnx_executable()  # a missing converter should fail now, not after the export
+        check_writable(companion(output))
     # Before any of the slow work: a read-only or full place should fail now, not after a minute of exporting.
     check_writable(output)
     if int8 and calib_dir is None:
@@ -171,6 +196,7 @@ def export_model(
     if rewrite:
         prepared = rewrite_for_inference(prepared)
     final = graph.to_onnx(prepared, spec.data.input_size, opset)
+    neutral = final  # the CPU-neutral graph: what ncnn converts (the arm64 forms are for onnxruntime's kernels)
     if target == "arm64":
         final, forms = rewrite_depthwise(final)
         done = ", ".join(f"{n} {form}" for form, n in sorted(forms.items())) or "none applied"
@@ -200,7 +226,7 @@ def export_model(
     payload = final.SerializeToString()
     if not int8:  # the size is known now: a disk too full for it should fail before the parity checks
         _check_space(output, len(payload))
-    parity = _check_parity(model, payload, config, verify_images)
+    parity = _check_parity(model, _onnx_runner(payload), config, verify_images)
     agreement = None
     if int8 and all(c.passed for c in parity):
         config.precision = "int8"
@@ -231,6 +257,27 @@ def export_model(
             f"ONNX output differs from PyTorch on {failed[0].inputs}: max |diff| {failed[0].max_abs_diff:.3g} > "
             f"{failed[0].tolerance:.3g}; nothing written.\n{report.render()}"
         )
+    if engine == "ncnn":
+        ncnn_graph = neutral
+        if rewrite and spec.name.startswith("sbcformer"):
+            # ncnn runs the attention scale as a layer of its own: its graph has it folded into q's projection.
+            folded_scale = fold_attention_scale(copy.deepcopy(prepared))
+            ncnn_graph = graph.to_onnx(folded_scale, spec.data.input_size, opset)
+        _set_metadata(ncnn_graph, config)
+        converted = ncnn_export.convert(ncnn_graph.SerializeToString(), list(spec.data.input_size), config, payload)
+        ncnn_payload = converted.to_bytes()
+        runner = ncnn_export.engine_for(ncnn_payload, companion(output))
+        report.ncnn_output, report.ncnn_size_bytes = companion(output), len(ncnn_payload)
+        report.ncnn_parity = _check_parity(model, runner.run, config, verify_images)
+        failed = [c for c in report.ncnn_parity if not c.passed]
+        if failed:
+            raise SbcrtError(
+                f"ncnn output differs from PyTorch on {failed[0].inputs}: max |diff| {failed[0].max_abs_diff:.3g} "
+                f"> {failed[0].tolerance:.3g}; nothing written.\n{report.render()}"
+            )
+        # The ONNX file last: a crash in between leaves a .ncnn whose source digest no longer matches, which
+        # the runtime refuses by name, never a pair that silently disagrees.
+        _write_atomically(companion(output), ncnn_payload)
     _write_atomically(output, payload)
     report.size_bytes = len(payload)
     report.seconds = time.perf_counter() - started
@@ -310,18 +357,21 @@ def _verification_photos(extra_dir: Path | None) -> list[Path]:
     return photos
 
 
-def _check_parity(
-    model: torch.nn.Module, payload: bytes, config: ModelConfig, verify_images: Path | None
-) -> list[ParityCheck]:
-    """Run the written bytes in onnxruntime and the unfolded PyTorch model on the same inputs."""
+def _onnx_runner(payload: bytes):
+    """The written bytes in onnxruntime: a function of a batch."""
     import onnxruntime as ort
-
-    from sbcrt.runtime.images import open_image
-    from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run([graph.OUTPUT_NAME], {graph.INPUT_NAME: batch})[0]
+
+
+def _check_parity(model: torch.nn.Module, run, config: ModelConfig, verify_images: Path | None) -> list[ParityCheck]:
+    """Run the model as written (`run`, batch -> logits) and the unfolded PyTorch model on the same inputs."""
+    from sbcrt.runtime.images import open_image
+    from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
+
     size = tuple(config.input_size)
     batches = []
     for seed in RANDOM_SEEDS:
@@ -336,7 +386,7 @@ def _check_parity(
     for name, batch in batches:
         with torch.no_grad():
             expected = model(torch.from_numpy(batch)).numpy()
-        got = session.run([graph.OUTPUT_NAME], {graph.INPUT_NAME: batch})[0]
+        got = run(batch)
         checks.append(
             ParityCheck(
                 inputs=name,

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from sbcrt.errors import SettingError, UsageError
+from sbcrt.runtime.engines import open_engine
 from sbcrt.runtime.images import (
     ImageError,
     ImageSource,
@@ -33,7 +34,6 @@ from sbcrt.runtime.images import (
 )
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels
 from sbcrt.runtime.preprocess import Preprocessing, optional_opencv, preprocess_frame, preprocess_image
-from sbcrt.runtime.session import create_session
 
 # timm's and torchvision's convention for models without a recorded resize: crop / 0.875 (224 -> 256).
 DEFAULT_CROP_PCT = 0.875
@@ -89,6 +89,9 @@ class Classifier:
         cache_dir: where optimised graphs are cached; None for $SBCRT_CACHE or ~/.cache/sbcrt, False for none.
         warmup: run the model once now, so the first real image does not pay for lazy initialisation.
         providers: onnxruntime providers to use instead of the automatic choice.
+        engine: "auto" (ncnn on aarch64 when the .ncnn file beside the model and the ncnn package are there,
+            else onnxruntime), "onnxruntime" or "ncnn" (see sbcrt/runtime/engines).
+        fp16: ncnn only: half-precision storage and arithmetic where the CPU has it (a Pi 5).
         size, resize_size, mean, std, interpolation: override the model's preprocessing (needed only for models
             without sbcrt metadata whose input is not the ImageNet default).
         labels: class names overriding the model's.
@@ -111,16 +114,19 @@ class Classifier:
         std: tuple[float, float, float] | None = None,
         interpolation: str | None = None,
         labels: list[str] | None = None,
+        engine: str = "auto",
+        fp16: bool = False,
     ) -> None:
         self.path = Path(model)
         self.max_pixels = max_pixels_default()  # read once: a bad SBCRT_MAX_PIXELS fails here, not per image
-        self._session, self.session_info = create_session(
-            self.path, threads=threads, spin=spin, cache_dir=cache_dir, providers=providers
+        self.engine = open_engine(
+            self.path, engine=engine, threads=threads, spin=spin, cache_dir=cache_dir, providers=providers, fp16=fp16
         )
+        self.session_info = self.engine.info
         self.notes: list[str] = list(self.session_info.notes)  # assumptions a user should know about
         self._read_signature()
         try:
-            self.config = ModelConfig.from_props(self._session.get_modelmeta().custom_metadata_map)
+            self.config = ModelConfig.from_props(self.engine.metadata)
         except (ValueError, TypeError) as exc:
             raise UsageError(f"model {self.path}: bad sbcrt metadata: {exc}") from None
         self.has_metadata = self.config is not None
@@ -141,8 +147,8 @@ class Classifier:
     # -- loading -------------------------------------------------------------------------------------------
 
     def _read_signature(self) -> None:
-        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
-        where = f"model {self.path}"
+        inputs, outputs = self.engine.inputs, self.engine.outputs
+        where = f"model {self.engine.path}"
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
             raise UsageError(f"{where}: has {len(inputs)} inputs ({names}); sbcrt needs one image input")
@@ -284,7 +290,7 @@ class Classifier:
 
     def _run(self, tensor: np.ndarray) -> np.ndarray:
         feed = tensor if tensor.dtype == self._input_dtype else tensor.astype(self._input_dtype)
-        out = self._session.run([self.output_name], {self.input_name: feed})[0]
+        out = self.engine.run(feed)
         return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)
 
     def _finish(self, tensor: np.ndarray, source: str, top_k: int, start: float, decode_end: float) -> Result:
@@ -327,6 +333,8 @@ class Classifier:
             "checkpoint_sha256": self.config.checkpoint_sha256,
             "exporter": self.config.exporter,
             "session": {
+                "engine": self.engine.name,
+                "file": str(self.engine.path),
                 "providers": self.session_info.providers,
                 "threads": self.session_info.threads,
                 "spin": self.session_info.spin,

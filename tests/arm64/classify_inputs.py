@@ -6,7 +6,8 @@ Runs unchanged on x86 (the test venv) and in the emulated arm64 userland (tools/
 sides take exactly the same code path: the photos through `Classifier.classify` (the exact reference
 preprocessing), the frames (HxWx3 BGR uint8) through `Classifier.classify_frame` (the camera fast path).
 Writes DIR/results.npz (the model input tensor and the logits for each model and input) and DIR/platform.json
-(what this machine and onnxruntime report about the CPU). Needs only the runtime's dependencies.
+(what this machine and onnxruntime report about the CPU, and the engine each model ran on: the default, auto,
+as `sbcrt classify` picks it). Needs only the runtime's dependencies (and ncnn for a model with a .ncnn file).
 """
 
 from __future__ import annotations
@@ -83,12 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     arrays: dict[str, np.ndarray] = {}
     timings: dict[str, dict[str, float]] = {}
     std: dict[str, list[float]] = {}  # to turn tensor differences back into 8-bit pixel steps
+    engines: dict[str, str] = {}  # which engine `--engine auto` picked for each model on this machine
     started = time.perf_counter()
     for spec in args.model:
         name, _, path = spec.partition("=")
         # No graph cache: each run optimises the graph itself, for this CPU, as a first start on a Pi does.
         classifier = Classifier(path, threads=args.threads, cache_dir=False, warmup=False)
         std[name] = list(classifier.preprocessing.std)
+        engines[name] = classifier.engine.name
         for photo in args.photo:
             key = f"{name}/{Path(photo).name}"
             arrays[f"{key}/tensor"] = classifier.preprocess(photo)
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["timing_ms"] = timings
     report["std"] = std
+    report["engines"] = engines
     (args.out / "platform.json").write_text(json.dumps(report, indent=2))
     return 0
 

@@ -1,12 +1,15 @@
 # `make arm-count`: aarch64 instructions per inference, counted under QEMU as a Pi 4 (Cortex-A72) and a Pi 5
 # (Cortex-A76), for the standard models (SBCFormer-XS/B and EfficientNet-Lite0; sbcrt's export and the plain
-# one; fp32 and int8; Lite0 also with `--target arm64`). Writes $(ARM_COUNT_DIR)/arm_count.json and
+# one; fp32 and int8; Lite0 also with `--target arm64`; sbcrt's export with `--engine ncnn`, which the emulated
+# Pi runs with sbcrt's ncnn engine, as `sbcrt classify` would; ARM_COUNT_ARGS=--fp16 adds its --fp16 rows on the
+# A76). Writes $(ARM_COUNT_DIR)/arm_count.json and
 # arm_count.md (the README's table). Included from the Makefile after tools/arm64/arm64.mk (BIN, setup,
 # arm64-userland, arm64-qemu). Counts are cached per model file and CPU (build/arm64/insn_count/results): a
 # second run only prints them; ARM_COUNT_ARGS=--fresh counts again; ARM_COUNT_ARGS="--peers ncnn,ncnn-fp16,litert"
 # adds ncnn and LiteRT (pinned wheels fetched into build/arm64/peers; LiteRT's converter venv, litert-torch and
-# the CPU torch, ~2 GB there too). Cold (userland, 13 exports, 26 counts): ~45 min on
-# 2 busy cores, about half of it exporting; cached: seconds.
+# the CPU torch, ~2 GB there too). Cold (userland, 13 exports, 26 counts): ~45 min on 2 busy cores, about half of
+# it exporting, before the 3 `--engine ncnn` exports and their 6 counts were added (~1-2 min each on a busy
+# machine: not timed as a whole); cached: seconds.
 
 ARM_COUNT_DIR ?= $(BUILD)/arm-count
 ARM_COUNT_CPUS ?= cortex-a72 cortex-a76

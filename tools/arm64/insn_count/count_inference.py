@@ -1,9 +1,14 @@
 """Guest side of the instruction counter: runs inside the emulated arm64 userland, under QEMU with the
-insn_count plugin (benchmarks/arm_count.py starts it). Opens a model the way sbcrt does on a Pi
-(sbcrt.runtime.session.create_session) with a given number of intra-op threads, runs it `--warmup` times uncounted,
-then `--repeat` times, each run bracketed by region markers the plugin counts between.
+insn_count plugin (benchmarks/arm_count.py starts it). Opens a model the way sbcrt does on a Pi, with the
+engine `sbcrt classify --engine E` picks there (sbcrt.runtime.engines; default auto: ncnn when MODEL.ncnn is
+beside the file) and a given number of threads, runs it `--warmup` times uncounted, then `--repeat` times, each
+run bracketed by region markers the plugin counts between.
 
-    python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 2] [--repeat 1]
+    python3 count_inference.py MODEL.onnx [--threads 1] [--warmup 2] [--repeat 1] [--engine auto] [--fp16]
+        [--logits OUT.npy]
+
+onnxruntime: its session (sbcrt.runtime.session.create_session) with I/O binding, so only onnxruntime's run is
+counted. ncnn: `Classifier.run`, the call `sbcrt classify` makes per image (a new extractor, input, extract).
 
 Prints one JSON line describing what ran (inputs, onnxruntime version). Only onnxruntime, numpy and ctypes:
 it also runs on a real Pi, where the markers are harmless failing system calls.
@@ -97,10 +102,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="auto", choices=("auto", "onnxruntime", "ncnn"))
+    parser.add_argument("--fp16", action="store_true", help="the ncnn engine's --fp16")
+    parser.add_argument("--logits", help="save the last counted run's output here (ncnn)")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the warm-up allocates the outputs the counted runs reuse)")
 
+    from sbcrt.runtime.engines import resolve
+
+    if resolve(args.model, args.engine)[0] == "ncnn":
+        return count_ncnn_engine(args)
     import onnxruntime as ort
 
     from sbcrt.runtime.session import create_session
@@ -134,10 +146,48 @@ def main(argv: list[str]) -> int:
     print(
         json.dumps(
             {
+                "engine": "onnxruntime",
                 "onnxruntime": ort.__version__,
                 "providers": info.providers,
                 "threads": info.threads,
                 "inputs": inputs,
+                "warmup": args.warmup,
+                "repeat": args.repeat,
+            }
+        )
+    )
+    return 0
+
+
+def count_ncnn_engine(args: argparse.Namespace) -> int:
+    """The ncnn engine through sbcrt's own Classifier, as `sbcrt classify --model MODEL` runs it."""
+    from sbcrt.runtime.classifier import Classifier
+
+    classifier = Classifier(
+        args.model, threads=args.threads, cache_dir=False, warmup=False, engine=args.engine, fp16=args.fp16
+    )
+    spec = classifier.engine.inputs[0]
+    value = fixed_input(spec.shape, spec.type, args.seed)
+    for _ in range(args.warmup):
+        out = classifier.run(value)
+    marker = RegionMarker()
+    gc.disable()
+    for _ in range(args.repeat):
+        marker.begin()
+        out = classifier.run(value)
+        marker.end()
+    if args.logits:
+        np.save(args.logits, out)
+    info = classifier.session_info
+    print(
+        json.dumps(
+            {
+                "engine": classifier.engine.name,
+                "file": str(classifier.engine.path),
+                "providers": info.providers,
+                "threads": info.threads,
+                "notes": info.notes,
+                "inputs": {spec.name: list(value.shape)},
                 "warmup": args.warmup,
                 "repeat": args.repeat,
             }
