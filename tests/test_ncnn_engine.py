@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sbcrt.errors import UsageError
+from sbcrt.commands.arguments import flag_of
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.classifier import Classifier
 from sbcrt.runtime.engines import resolve
 from sbcrt.runtime.ncnn_file import MAGIC, NcnnModel, companion
@@ -114,8 +115,9 @@ def test_auto_picks_ncnn_only_on_arm_with_the_file_and_the_package(tiny: Path, t
 
 def test_ncnn_without_an_ncnn_model_says_how_to_make_one(tmp_path: Path) -> None:
     lone = build_onnx(tmp_path / "lone.onnx", "conv", config={})
-    with pytest.raises(UsageError, match=r"no ncnn model beside it \(lone\.ncnn\).*--engine ncnn"):
+    with pytest.raises(SettingError, match=r"no ncnn model beside it \(lone\.ncnn\)") as caught:
         Classifier(lone, engine="ncnn")
+    assert caught.value.describe(flag_of).endswith("export the model with --engine ncnn too")
 
 
 def damage(data: bytes, how: str) -> bytes:

@@ -76,7 +76,7 @@ class NcnnModel:
 
         if not data.startswith(MAGIC):
             raise UsageError(
-                f"model {where}: not an sbcrt ncnn model file (export one with `sbcrt export --engine ncnn`)"
+                f"model {where}: not an sbcrt ncnn model file (sbcrt's export writes one with the ncnn engine)"
             )
         offset = len(MAGIC)
         if len(data) < offset + 8 + DIGEST_SIZE:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.ncnn_file import SUFFIX as NCNN_SUFFIX
 from sbcrt.runtime.session import SessionInfo
 
@@ -84,9 +84,11 @@ def resolve(
             raise UsageError(f"model {model}: an ncnn model; onnxruntime needs the .onnx file ({onnx_file} is missing)")
         return engine, onnx_file
     if not ncnn_file.is_file() and not is_ncnn:
-        raise UsageError(
-            f"model {model}: no ncnn model beside it ({ncnn_file.name}); export one with `sbcrt export ... "
-            f"-o {model.name} --engine ncnn`"
+        raise SettingError(
+            "engine",
+            f"model {model}: no ncnn model beside it ({ncnn_file.name}); export the model with {{engine}} ncnn too",
+            engine,
+            cites=["engine"],
         )
     return "ncnn", ncnn_file
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sbcrt.errors import UsageError
+from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.engines import TensorSpec
 from sbcrt.runtime.ncnn_file import NcnnModel, source_digest
 from sbcrt.runtime.session import SessionInfo, cpu_info, physical_cores
@@ -72,9 +72,12 @@ class NcnnEngine:
     def _check_source(self, source: Path) -> None:
         size, digest = source_digest(source)
         if (size, digest) != (self.model.source_size, self.model.source_sha256):
-            raise UsageError(
+            raise SettingError(
+                "engine",
                 f"model {self.path} was not converted from {source} (that file changed since): export both again "
-                f"with --engine ncnn, or run the .onnx alone with --engine onnxruntime"
+                "with {engine} ncnn, or run the .onnx alone with {engine} onnxruntime",
+                "ncnn",
+                cites=["engine"],
             )
 
     def run(self, tensor: np.ndarray) -> np.ndarray:
