@@ -83,7 +83,6 @@ class SessionInfo:
     load_ms: float
     notes: list[str] = field(default_factory=list)  # e.g. why the cache was skipped
     digest_ms: float = 0.0  # part of load_ms: hashing the model (the cache key) and verifying the cached graph
-    engine: str = "onnxruntime"  # or "ncnn" (sbcrt/runtime/engines)
 
 
 def cpu_info() -> CpuInfo:

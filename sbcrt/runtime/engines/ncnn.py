@@ -67,7 +67,7 @@ class NcnnEngine:
         self.metadata = dict(self.model.metadata)
         load_ms = (time.perf_counter() - started) * 1000
         providers = [f"ncnn {ncnn.__version__} {'fp16' if fp16 else 'fp32'}"]
-        self.info = SessionInfo(providers, threads, spin, None, False, load_ms, notes, digest_ms, engine="ncnn")
+        self.info = SessionInfo(providers, threads, spin, None, False, load_ms, notes, digest_ms)
 
     def _check_source(self, source: Path) -> None:
         size, digest = source_digest(source)
