@@ -1,13 +1,13 @@
 """Accuracy of the ncnn engine's --fp16 on a Pi 5's CPU: top-1 on the shared labelled photos, fp16 under QEMU as
 a Cortex-A76 (half-precision arithmetic) against fp32 on this machine.
 
-    python benchmarks/ncnn_fp16.py --model lite0.onnx [--limit 125] [--cpu cortex-a76] [--json out.json]
+    python benchmarks/ncnn_fp16.py --model lite0.onnx [--limit 125] [--jobs 2] [--cpu cortex-a76] [--json out.json]
 
 MODEL needs its .ncnn beside it (`sbcrt export ... --engine ncnn`). Both sides run sbcrt's own Classifier with the
 ncnn engine on the same photos (exact preprocessing): fp32 here (its logits match the Pi's fp32 to ~1e-6 x the
 logit scale: tests/arm64/arm64_parity.py), fp16 in the emulated userland of `make test-arm64`. Emulated fp16
-inference is slow (~15 s per Lite0 image on a busy 2-core machine: QEMU emulates half precision in software), so
---limit takes N photos spread evenly over the set.
+inference is slow (~8-15 s per Lite0 image: QEMU emulates half precision in software), so --jobs splits the photos
+over that many emulated processes, and --limit takes N photos spread evenly over the set.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +49,26 @@ def guest(argv: list[str]) -> int:
     return 0
 
 
+def emulated_fp16(model: Path, photos: list[str], cpu: str, jobs: int) -> list[dict]:
+    """classify(fp16=True) in the emulated userland as `cpu`: photo i goes to guest i % jobs; rows in photo order."""
+    shares = [photos[i::jobs] for i in range(jobs)]
+
+    def run(index: int, tmp: Path) -> list[dict]:
+        listing, out = tmp / f"photos{index}.json", tmp / f"fp16-{index}.json"
+        listing.write_text(json.dumps(shares[index]))
+        command = [str(REPO / "tools" / "arm64" / "run.sh"), "--cpu", cpu, "--", "python3", __file__]
+        command += ["--guest", str(model.resolve()), str(listing), str(out)]
+        subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        return json.loads(out.read_text())
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(lambda i: run(i, Path(tmp)), range(jobs)))
+    rows: list[dict] = [{}] * len(photos)
+    for index, share in enumerate(results):
+        rows[index::jobs] = share
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import numpy as np
 
@@ -57,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--limit", type=int, help="photos spread evenly over the set (default: all)")
+    parser.add_argument("--jobs", type=int, default=1, help="emulated processes run at once (default 1)")
     parser.add_argument("--cpu", default="cortex-a76")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -67,13 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = [image.label for image in dataset.images]
     started = time.monotonic()
     fp32 = classify(args.model, photos, fp16=False)
-    with tempfile.TemporaryDirectory() as tmp:
-        listing, out = Path(tmp) / "photos.json", Path(tmp) / "fp16.json"
-        listing.write_text(json.dumps(photos))
-        command = [str(REPO / "tools" / "arm64" / "run.sh"), "--cpu", args.cpu, "--", "python3", __file__]
-        command += ["--guest", str(args.model.resolve()), str(listing), str(out)]
-        subprocess.run(command, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        fp16 = json.loads(out.read_text())
+    fp16 = emulated_fp16(args.model, photos, args.cpu, max(1, args.jobs))
     top1_fp32 = sum(r["top1"] == t for r, t in zip(fp32, truth, strict=True)) / len(photos)
     top1_fp16 = sum(r["top1"] == t for r, t in zip(fp16, truth, strict=True)) / len(photos)
     agree = sum(a["top1"] == b["top1"] for a, b in zip(fp32, fp16, strict=True)) / len(photos)
