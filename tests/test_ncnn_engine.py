@@ -252,3 +252,33 @@ def test_export_refuses_int8_with_ncnn(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 2 and "--engine 'ncnn': ncnn is fp32 only" in done.stderr, done.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_int8_benchmark_writes_an_int8_model_ncnn_runs(tiny: Path) -> None:
+    """benchmarks/ncnn_int8.py's quantiser (ncnn2int8's layout): every weight byte accounted for, int8 terms in
+    the param, and ncnn's int8 kernels give the fp32 model's answer on real photos."""
+    from benchmarks.ncnn_int8 import QUANTISED, blob_values, load_net, quantise, read_layers
+
+    model = NcnnModel.read(companion(tiny))
+    param, weights = model.param.decode(), model.weights
+    _, layers = read_layers(param, weights)
+    quantised = [layer for layer in layers if layer.kind in QUANTISED]
+    assert {layer.kind for layer in quantised} >= {"Convolution", "InnerProduct"}
+    classifier = Classifier(tiny, engine="ncnn", threads=1)
+    tensors = [classifier.preprocess(photo) for photo in PHOTOS]
+    blobs = sorted({layer.bottoms[0] for layer in quantised})
+    fp32 = load_net(param, weights)
+    largest = {blob: max(float(np.abs(blob_values(fp32, model.input_name, t, [blob])[blob]).max()) for t in tensors)
+               for blob in blobs}  # fmt: skip
+    int8_param, int8_weights = quantise(param, weights, {blob: 127.0 / value for blob, value in largest.items()})
+    # Each quantised layer gains its int8 term and (per output channel + 1 input) float scales; nothing else moves.
+    added = sum(4 * (int(layer.params[0]) + 1) for layer in quantised)
+    assert len(int8_weights) == len(weights) + added
+    assert all(" 8=" in line for line in int8_param.splitlines() if line.split()[0] in QUANTISED)
+    int8 = load_net(int8_param, int8_weights)
+    for tensor in tensors:
+        want = blob_values(fp32, model.input_name, tensor, [model.output_name])[model.output_name]
+        got = blob_values(int8, model.input_name, tensor, [model.output_name])[model.output_name]
+        assert not np.array_equal(got, want)  # int8 ran: its logits are not fp32's bit for bit
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+        assert got.argmax() == want.argmax()
