@@ -825,6 +825,8 @@ def main(argv: list[str] | None = None) -> int:
         ]
         if args.fp16 and engine == "sbcrt-ncnn":
             models.append((f"{label}.fp16", path))
+            if args.standard_matrix:
+                ratios.append((f"{label}.fp16", label))
             jobs += [
                 Job(
                     f"{label}.fp16",
@@ -845,10 +847,12 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in peer_sources if args.peers else []:
         for engine in args.peers:
             converted = peers.convert(engine, path)
-            models.append((f"{label}.{engine}", converted))
-            jobs += [
-                Job(f"{label}.{engine}", converted, cpu, 1, args.warmup, args.repeat, engine, path) for cpu in cpus
-            ]
+            # "peer-": the standard matrix's "X.ncnn" row is sbcrt's own ncnn engine, not the peer.
+            peer_label = f"{label}.peer-{engine}"
+            models.append((peer_label, converted))
+            jobs += [Job(peer_label, converted, cpu, 1, args.warmup, args.repeat, engine, path) for cpu in cpus]
+            if args.standard_matrix and label in STANDARD_ARCHS and engine != "ncnn-fp16":
+                ratios.append((f"{label}.ncnn", peer_label))  # what ships against the peer, fp32 both
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda job: count(counter, job, args.fresh), jobs))
     # Table order: models as given, each on every CPU.
