@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", default="cortex-a76")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
 
     labels = Classifier(args.model, engine="ncnn", threads=1, warmup=False).labels
     dataset = find_dataset(shared_photos(), labels, limit=args.limit)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = [image.label for image in dataset.images]
     started = time.monotonic()
     fp32 = classify(args.model, photos, fp16=False)
-    fp16 = emulated_fp16(args.model, photos, args.cpu, max(1, args.jobs))
+    fp16 = emulated_fp16(args.model, photos, args.cpu, args.jobs)
     top1_fp32 = sum(r["top1"] == t for r, t in zip(fp32, truth, strict=True)) / len(photos)
     top1_fp16 = sum(r["top1"] == t for r, t in zip(fp16, truth, strict=True)) / len(photos)
     agree = sum(a["top1"] == b["top1"] for a, b in zip(fp32, fp16, strict=True)) / len(photos)
