@@ -7,7 +7,7 @@
 # arm64-userland, arm64-qemu). Counts are cached per model file and CPU (build/arm64/insn_count/results): a
 # second run only prints them; ARM_COUNT_ARGS=--fresh counts again; ARM_COUNT_ARGS="--peers ncnn,ncnn-fp16,litert"
 # adds ncnn and LiteRT (pinned wheels fetched into build/arm64/peers; LiteRT's converter venv, litert-torch and
-# the CPU torch, ~2 GB there too). With the peers and --fp16 (16 exports, 50 counts; userland and peers' wheels
+# the CPU torch, ~2 GB there too). With the peers and --fp16 (16 exports, 53 counts; userland and peers' wheels
 # already fetched): 43 min on 2 busy cores, 21 of them counting, the rest exporting; cached: seconds.
 
 ARM_COUNT_DIR ?= $(BUILD)/arm-count
