@@ -50,6 +50,7 @@ BUILD = Path(os.environ.get("ARM64_BUILD_DIR", REPO / "build" / "arm64"))
 COUNT_DIR = BUILD / "insn_count"
 sys.path.insert(0, str(REPO))  # `python benchmarks/arm_count.py` as well as `python -m benchmarks.arm_count`
 
+from sbcrt.runtime.engines import ENGINES  # noqa: E402
 from tests.support.data import export_cache_key, shared_photos  # noqa: E402
 
 SHARED_PHOTOS = shared_photos()
@@ -788,7 +789,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--engine",
-        choices=("auto", "onnxruntime", "ncnn"),
+        choices=ENGINES,
         default="auto",
         help="sbcrt's engine for every --model, as `sbcrt classify --engine` (default auto: ncnn when MODEL.ncnn "
         "is beside the file)",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sbcrt.errors import UsageError
+from sbcrt.runtime.engines import ENGINES
 
 if TYPE_CHECKING:
     from sbcrt.runtime.classifier import Classifier
@@ -108,7 +109,7 @@ def add_model_arguments(
     p.add_argument("--no-cache", action="store_true", help="do not read or write the optimised-graph cache")
     p.add_argument(
         "--engine",
-        choices=("auto", "onnxruntime", "ncnn"),
+        choices=ENGINES,
         default="auto",
         help="auto (default): ncnn on 64-bit ARM when MODEL.ncnn (sbcrt export --engine ncnn) and the ncnn "
         "package are there, else onnxruntime",

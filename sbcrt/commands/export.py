@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from sbcrt.errors import UsageError
+from sbcrt.runtime.engines import ENGINE_NAMES
 
 EXPORT_NEEDS = 'the export stage needs PyTorch and ONNX: pip install "sbcrt[export]"'
 # The packages of the `export` extra: only their absence means "install the extra"; any other ImportError is a
@@ -48,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--engine",
-        choices=("onnxruntime", "ncnn"),
+        choices=ENGINE_NAMES,
         default="onnxruntime",
         help="ncnn: also write MODEL.ncnn beside the .onnx file (pnnx's conversion, checked against PyTorch), "
         "which the runtime picks on 64-bit ARM. Default: the .onnx file only",

@@ -30,6 +30,7 @@ from sbcrt.export.random_weights import randomize
 from sbcrt.export.rewrite import fold_attention_scale, rewrite_for_inference
 from sbcrt.models.registry import Architecture, UnknownArchitecture, WeightsUnavailable, get_architecture
 from sbcrt.runtime.atomic import check_writable, write_atomically, write_error
+from sbcrt.runtime.engines import ENGINE_NAMES
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.runtime.metadata import ModelConfig, imagenet_labels, indexed_labels, read_labels_file
 from sbcrt.runtime.ncnn_file import companion
@@ -172,7 +173,7 @@ def export_model(
             target,
             cites=["int8"],
         )
-    if engine not in ("onnxruntime", "ncnn"):
+    if engine not in ENGINE_NAMES:
         raise UsageError(f"engine must be 'onnxruntime' or 'ncnn', not {engine!r}")
     if engine == "ncnn" and int8:
         raise SettingError("engine", "ncnn is fp32 only (its fp16 is a runtime choice: {fp16})", engine, cites=["fp16"])

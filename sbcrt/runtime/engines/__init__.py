@@ -18,15 +18,17 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from sbcrt.errors import SettingError, UsageError
 from sbcrt.runtime.ncnn_file import SUFFIX as NCNN_SUFFIX
 from sbcrt.runtime.session import SessionInfo
 
-ENGINES = ("auto", "onnxruntime", "ncnn")
+if TYPE_CHECKING:  # numpy only for the annotations: the CLI's argument parsers import ENGINES
+    import numpy as np
+
+ENGINE_NAMES = ("onnxruntime", "ncnn")  # the engines; `sbcrt export --engine` writes a file for either
+ENGINES = ("auto", *ENGINE_NAMES)  # what a run may ask for
 NCNN_NEEDS = 'the ncnn engine needs the ncnn package: pip install "sbcrt[ncnn]"'
 # Machines where `auto` prefers ncnn (a Raspberry Pi 4/5 and other 64-bit ARM boards).
 NCNN_FIRST = ("aarch64", "arm64")
