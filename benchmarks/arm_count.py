@@ -242,6 +242,13 @@ class Counter:
         qemu, version = plugin_capable_qemu()
         return cls(qemu, build_plugin(plugin_header(version)), arm64_userland())
 
+    def command(self, cpu: str, regions_file: Path, guest: list[str]) -> list[str]:
+        """`python3 GUEST...` in the userland, emulated as `cpu` under the plugin, which writes each counted
+        region to `regions_file` (one JSON line per region)."""
+        plugin = f"{self.plugin},out={regions_file}"
+        return [str(TOOLS / "run.sh"), "--cpu", cpu, "--userland", str(self.userland), "--qemu-arg", "-plugin",
+                "--qemu-arg", plugin, "--", "python3", *guest]  # fmt: skip
+
     def identity(self, cpu: str, engine: str = "onnxruntime") -> bytes:
         """Everything besides the model that decides a count: the plugin, the guest driver, the userland (its
         folder name is a hash of its pins), the emulated CPU's description, sbcrt's session code, QEMU."""
@@ -531,22 +538,7 @@ def count(counter: Counter, job: Job, fresh: bool) -> dict:
         logits = regions_file.with_suffix(".npy")
         env["PYTHONPATH"] = str(peers.aarch64_site(job.engine))  # the peer's wheel, in a folder of its own
         guest = peers.guest_command(job.engine, job.model, logits)
-    command = [
-        str(TOOLS / "run.sh"),
-        "--cpu",
-        job.cpu,
-        "--userland",
-        str(counter.userland),
-        "--qemu-arg",
-        "-plugin",
-        "--qemu-arg",
-        f"{counter.plugin},out={regions_file}",
-        "--",
-        "python3",
-        *guest,
-        f"--warmup={job.warmup}",
-        f"--repeat={job.repeat}",
-    ]
+    command = counter.command(job.cpu, regions_file, [*guest, f"--warmup={job.warmup}", f"--repeat={job.repeat}"])
     log(f"{job.label} on {job.cpu}: counting {job.repeat} inference(s) after {job.warmup} warm-up")
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=EMULATION_TIMEOUT_S)

@@ -23,8 +23,7 @@ import os
 import struct
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import arm_count  # noqa: E402
 from benchmarks.common import BUILD, machine_info, shared_photos  # noqa: E402
+from sbcrt.runtime.ncnn_file import NcnnModel, companion  # noqa: E402
 
 QUANTISED = ("Convolution", "ConvolutionDepthWise", "InnerProduct")
-FP32_ONLY = ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage")
 # One pointwise convolution of SBCFormer's size class: 256 -> 256 channels at 28x28, 51.4 M multiply-adds.
 KERNEL_CHANNELS, KERNEL_SIDE = 256, 28
 
@@ -127,19 +126,12 @@ def quantise(param: str, weights: bytes, input_scales: dict[str, float]) -> tupl
     return "\n".join(lines) + "\n", bytes(out)
 
 
-def load_net(param: str, weights: bytes):
-    import ncnn
+def load_net(model: NcnnModel, param: str, weights: bytes):
+    """`model` with this param and weights, loaded as the ncnn engine loads it (fp32), on every core."""
+    from sbcrt.runtime.engines.ncnn import load_net as engine_net
 
-    net = ncnn.Net()
-    net.opt.num_threads = os.cpu_count() or 1
-    for option in FP32_ONLY:
-        setattr(net.opt, option, False)
-    with tempfile.NamedTemporaryFile(suffix=".bin") as fh:
-        fh.write(weights)
-        fh.flush()
-        if net.load_param_mem(param) != 0 or net.load_model(fh.name) != 0:
-            raise SystemExit("ncnn_int8: ncnn cannot load the model")
-    return net
+    variant = replace(model, param=param.encode(), weights=weights)
+    return engine_net(variant, Path("the int8 variant"), threads=os.cpu_count() or 1, spin=True, fp16=False)
 
 
 def blob_values(net, input_name: str, tensor: np.ndarray, blobs: list[str]) -> dict[str, np.ndarray]:
@@ -159,15 +151,8 @@ def top1(net, model, tensor: np.ndarray) -> int:
 def count(counter: arm_count.Counter, cpu: str, param: Path, shape: list[int]) -> dict:
     regions = param.with_suffix(".regions.jsonl")
     regions.unlink(missing_ok=True)
-    command = [str(arm_count.TOOLS / "run.sh"), "--cpu", cpu, "--userland", str(counter.userland)]
-    command += ["--qemu-arg", "-plugin", "--qemu-arg", f"{counter.plugin},out={regions}", "--", "python3"]
-    command += [
-        str(arm_count.COUNTER_SOURCES / "count_ncnn.py"),
-        str(param),
-        "--input-shape",
-        ",".join(map(str, shape)),
-    ]
-    command += ["--warmup", "2", "--repeat", "1"]
+    guest = [str(arm_count.COUNTER_SOURCES / "count_ncnn.py"), str(param), "--input-shape", ",".join(map(str, shape))]
+    command = counter.command(cpu, regions, [*guest, "--warmup", "2", "--repeat", "1"])
     subprocess.run(command, check=True, capture_output=True, env={**os.environ, "PYTHONHASHSEED": "0"})
     (region,) = [json.loads(line) for line in regions.read_text().splitlines()]
     regions.unlink()
@@ -199,7 +184,6 @@ def kernel_pair(folder: Path) -> dict[str, tuple[Path, list[int]]]:
 def main(argv: list[str] | None = None) -> int:
     from sbcrt.runtime.classifier import Classifier
     from sbcrt.runtime.evaluation import find_dataset
-    from sbcrt.runtime.ncnn_file import NcnnModel, companion
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, action="append", required=True)
@@ -226,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         holdout = [image for image in images if image.path not in calibrated]
         _, layers = read_layers(param, weights)
         blobs = sorted({layer.bottoms[0] for layer in layers if layer.kind in QUANTISED})
-        fp32_net = load_net(param, weights)
+        fp32_net = load_net(model, param, weights)
         largest = dict.fromkeys(blobs, 0.0)
         for image in calibration:
             values = blob_values(fp32_net, model.input_name, classifier.preprocess(image.path), blobs)
@@ -234,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 largest[blob] = max(largest[blob], float(np.abs(values[blob]).max()))
         scales = {blob: 127.0 / value if value > 0 else 1.0 for blob, value in largest.items()}
         int8_param, int8_weights = quantise(param, weights, scales)
-        int8_net = load_net(int8_param, int8_weights)
+        int8_net = load_net(model, int8_param, int8_weights)
         agree = right32 = right8 = 0
         for image in holdout:
             tensor = classifier.preprocess(image.path)

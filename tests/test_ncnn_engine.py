@@ -267,7 +267,7 @@ def test_the_int8_benchmark_writes_an_int8_model_ncnn_runs(tiny: Path) -> None:
     classifier = Classifier(tiny, engine="ncnn", threads=1)
     tensors = [classifier.preprocess(photo) for photo in PHOTOS]
     blobs = sorted({layer.bottoms[0] for layer in quantised})
-    fp32 = load_net(param, weights)
+    fp32 = load_net(model, param, weights)
     largest = {blob: max(float(np.abs(blob_values(fp32, model.input_name, t, [blob])[blob]).max()) for t in tensors)
                for blob in blobs}  # fmt: skip
     int8_param, int8_weights = quantise(param, weights, {blob: 127.0 / value for blob, value in largest.items()})
@@ -275,7 +275,7 @@ def test_the_int8_benchmark_writes_an_int8_model_ncnn_runs(tiny: Path) -> None:
     added = sum(4 * (int(layer.params[0]) + 1) for layer in quantised)
     assert len(int8_weights) == len(weights) + added
     assert all(" 8=" in line for line in int8_param.splitlines() if line.split()[0] in QUANTISED)
-    int8 = load_net(int8_param, int8_weights)
+    int8 = load_net(model, int8_param, int8_weights)
     for tensor in tensors:
         want = blob_values(fp32, model.input_name, tensor, [model.output_name])[model.output_name]
         got = blob_values(int8, model.input_name, tensor, [model.output_name])[model.output_name]

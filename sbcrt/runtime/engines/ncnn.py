@@ -58,7 +58,7 @@ class NcnnEngine:
             notes.append(f"fp16 asked for, but this CPU has no half-precision arithmetic ({FP16_FEATURE}): fp32")
             fp16 = False
         self.fp16 = fp16
-        self.net = _load_net(self.model, path, threads=threads, spin=spin, fp16=fp16)
+        self.net = load_net(self.model, path, threads=threads, spin=spin, fp16=fp16)
         import ncnn
 
         self._mat = ncnn.Mat
@@ -101,7 +101,8 @@ class NcnnEngine:
         return np.array(out).reshape(-1)
 
 
-def _load_net(model: NcnnModel, path: Path, *, threads: int, spin: bool, fp16: bool):
+def load_net(model: NcnnModel, path: Path, *, threads: int, spin: bool, fp16: bool):
+    """An ncnn.Net of `model` with sbcrt's options (fp32 unless `fp16`); `path` names it in errors."""
     import ncnn
 
     net = ncnn.Net()
