@@ -83,7 +83,12 @@ def hidden_by_private_tmp(spec: ServiceSpec) -> list[Path]:
     it: the service would fail at every start, or write where nobody looks and lose it at every stop."""
     needed = [Path(spec.executable[0])] if spec.executable else []
     needed += [*spec.reads, *spec.writable]
-    return [p for p in dict.fromkeys(needed) if any(p == tmp or tmp in p.parents for tmp in PRIVATE_TMP)]
+
+    def hidden(path: Path) -> bool:
+        normal = Path(os.path.normpath(path))  # `..` must not walk past the check: /var/../tmp is /tmp
+        return any(normal == tmp or tmp in normal.parents for tmp in PRIVATE_TMP)
+
+    return [p for p in dict.fromkeys(needed) if hidden(p)]
 
 
 def sbcrt_executable() -> list[str]:

@@ -18,7 +18,7 @@ import pytest
 
 from sbcrt.commands.service import prepare
 from sbcrt.errors import UsageError
-from sbcrt.service import check_name, render_unit, systemd_quote
+from sbcrt.service import ServiceSpec, check_name, hidden_by_private_tmp, render_unit, systemd_quote
 from tests.service_helpers import barn_model, sbcrt_script, scratch_folder
 
 
@@ -209,3 +209,10 @@ def test_the_executable_is_checked_like_a_path_the_unit_reads(scratch: Path, WAT
                  cwd=scratch)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert exec_start(done.stdout)[0] == str(exe)
+
+
+def test_dot_dot_does_not_walk_past_the_private_tmp_check() -> None:
+    """A path that reaches /tmp or /var/tmp through `..` is as hidden from the unit as one that names it."""
+    via_var, via_srv, kept = Path("/var/../tmp/barn.onnx"), Path("/srv/x/../../var/tmp/out"), Path("/var/lib/sbcrt")
+    spec = ServiceSpec("pen3", ["watch"], reads=[via_var, kept], writable=[via_srv])
+    assert hidden_by_private_tmp(spec) == [via_var, via_srv]
