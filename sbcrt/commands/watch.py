@@ -213,10 +213,6 @@ def add_http_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-# The library's names for the MQTT settings a user can get wrong -> the flags that set them.
-MQTT_FLAGS = {"ca_file": "--mqtt-ca"}
-
-
 @dataclass
 class WatchPlan:
     """What a watch command line asks for, checked, before any model loads."""
@@ -296,7 +292,7 @@ def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:
     """--mqtt* -> checked MqttSettings (also checks that paho-mqtt is installed)."""
     import dataclasses
 
-    from sbcrt.watch.mqtt import MqttSettingError, check_settings, default_topic, parse_mqtt_url
+    from sbcrt.watch.mqtt import check_settings, default_topic, parse_mqtt_url
 
     settings = dataclasses.replace(
         parse_mqtt_url(args.mqtt),
@@ -312,10 +308,7 @@ def mqtt_settings_from(args: argparse.Namespace) -> MqttSettings:
         queue_size=args.mqtt_queue,
         debounce=args.debounce,
     )
-    try:
-        return check_settings(settings)
-    except MqttSettingError as exc:
-        raise UsageError(f"{MQTT_FLAGS.get(exc.setting, exc.setting)} {exc}") from None
+    return check_settings(settings)
 
 
 def check(args: argparse.Namespace) -> None:

@@ -504,23 +504,14 @@ def discovery_configs(
     return configs
 
 
-class MqttSettingError(UsageError):
-    """A setting that cannot work; `setting` names the MqttSettings field, for the caller to word (the CLI
-    names its flag)."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(message)
-        self.setting = setting
-
-
 def check_settings(settings: MqttSettings) -> MqttSettings:
     """The settings checked before the model loads (and paho-mqtt importable); topics cleaned."""
     load_paho()
     if settings.ca_file is not None:
         if not settings.tls:
-            raise MqttSettingError("ca_file", "is for mqtts:// URLs")
+            raise SettingError("mqtt.ca_file", "is for mqtts:// URLs")
         if not settings.ca_file.is_file():
-            raise MqttSettingError("ca_file", f"{settings.ca_file}: no such file")
+            raise SettingError("mqtt.ca_file", "no such file", str(settings.ca_file))
     settings.topic = check_topic(settings.topic)
     settings.discovery_prefix = check_topic(settings.discovery_prefix)
     return settings
