@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +80,10 @@ def test_train_writes_a_self_describing_model_that_classify_reads(
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "cross-validated accuracy" in printed and "confusion matrix" in printed
+    umask = os.umask(0)
+    os.umask(umask)
+    # Readable like an exported model (the umask's bits), not 0600: a service user runs it.
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     assert {o.domain for o in model.opset_import} == {""} and all(n.domain == "" for n in model.graph.node)

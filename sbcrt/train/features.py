@@ -13,9 +13,8 @@ a damaged or foreign file is recomputed, never trusted.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ import numpy as np
 from PIL import Image
 
 from sbcrt.errors import UsageError
-from sbcrt.runtime.images import open_image
+from sbcrt.runtime.atomic import write_atomically
+from sbcrt.runtime.images import ImageError, open_image
 from sbcrt.runtime.preprocess import FILTERS, Preprocessing, normalize, preprocess_image
 from sbcrt.train import onnx_wire as wire
 
@@ -146,9 +146,11 @@ class FeatureExtractor:
 
     def extract(self, path: Path) -> PhotoFeatures:
         """Features of every view of one photo. Raises ImageError for an unreadable photo."""
-        data = path.read_bytes() if path.is_file() else None
-        if data is None:
-            open_image(path)  # raises the usual one-line ImageError (missing, a folder...)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:  # missing, a folder, no permission: a one-line ImageError, never a traceback
+            open_image(path)
+            raise ImageError(f"cannot read {path}: {exc.strerror or exc}") from None
         photo_sha = hashlib.sha256(data).hexdigest()
         cached = self._load(photo_sha)
         if cached is not None:
@@ -212,18 +214,11 @@ class FeatureExtractor:
         file = self._cache_file(photo_sha)
         if file is None:
             return
+        buffer = io.BytesIO()
+        np.savez(buffer, features=features, scores=scores, views=np.array(self.views),
+                 photo_sha256=np.array(photo_sha), key=np.array(self._key))  # fmt: skip
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{photo_sha[:12]}-", suffix=".npz", dir=file.parent)
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    features=features,
-                    scores=scores,
-                    views=np.array(self.views),
-                    photo_sha256=np.array(photo_sha),
-                    key=np.array(self._key),
-                )
-            os.replace(tmp, file)  # never a half-written file under the real name
+            write_atomically(file, buffer.getvalue())  # never a half-written file under the real name
         except OSError:
-            Path(tmp).unlink(missing_ok=True) if "tmp" in locals() else None  # a full disk only costs speed
+            pass  # a full disk only costs speed

@@ -9,8 +9,6 @@ with a prior outputs scale * log(probabilities), whose softmax is the head's pro
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 
 from sbcrt import __version__
 from sbcrt.errors import SbcrtError, UsageError
+from sbcrt.runtime.atomic import write_atomically
 from sbcrt.train import onnx_wire as wire
 from sbcrt.train.features import FEATURES_KEY, BaseModel
 
@@ -232,17 +231,11 @@ def build_trained_model(base: BaseModel, head: FoldedHead, metadata: dict[str, s
     )
 
 
-def write_atomically(output: Path, payload: bytes) -> None:
-    """The file appears complete or not at all (a service may be reading the old model meanwhile)."""
+def write_model(output: Path, payload: bytes) -> None:
+    """The file appears complete or not at all (a service may be reading the old model meanwhile), with the
+    umask's permissions like an exported model (sbcrt.runtime.atomic: a service user must be able to read it)."""
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        write_atomically(output, payload)
     except OSError as exc:
-        raise SbcrtError(f"cannot write {output}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, output)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         raise SbcrtError(f"cannot write {output}: {exc.strerror or exc}") from None

@@ -34,7 +34,7 @@ from sbcrt.train.model_file import (
     build_trained_model,
     classifier_weights,
     head_logits,
-    write_atomically,
+    write_model,
 )
 from sbcrt.train.prior import ClassGraph, PriorSetting, mapping, softmax
 
@@ -289,7 +289,7 @@ def train(settings: TrainSettings, *, progress: Callable[[int, int], None] | Non
     payload = build_trained_model(base, folded, metadata)
     expected = head_logits(folded, F[:, 0], S[:, 0])
     report.verify_max_diff = _verify(payload, extractor, reference, centre_paths, expected, report)
-    write_atomically(settings.output, payload)
+    write_model(settings.output, payload)
     report.timings_s["total"] = time.perf_counter() - started
     return report
 
