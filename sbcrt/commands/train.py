@@ -102,11 +102,17 @@ def _with_progress(args: argparse.Namespace, work: Callable[..., Any], settings:
 
 
 def _fine_tune(args: argparse.Namespace) -> int:
+    from sbcrt.commands.export import EXPORT_PACKAGES
+
     try:
-        import torch  # noqa: F401 (only to word its absence)
-    except ImportError:
-        raise UsageError("--fine-tune needs PyTorch: pip install 'sbcrt[export]' (on a workstation)") from None
-    from sbcrt.export.fine_tune import FineTuneSettings, fine_tune
+        from sbcrt.export.fine_tune import FineTuneSettings, fine_tune
+    except ModuleNotFoundError as exc:  # a runtime-only install (the Pi): torch, onnx or onnxscript is missing
+        if (exc.name or "").split(".")[0] not in EXPORT_PACKAGES:
+            raise
+        raise UsageError(
+            "--fine-tune needs PyTorch and ONNX (on a workstation): pip install 'sbcrt[export]' "
+            f"({exc.name} is missing)"
+        ) from None
 
     settings = FineTuneSettings(
         data=args.data, architecture=args.fine_tune, output=args.output, checkpoint=args.checkpoint, epochs=args.epochs

@@ -21,6 +21,7 @@ import torch
 from sbcrt.errors import SbcrtError, UsageError
 from sbcrt.export.pipeline import ExportReport, _load_model, export_model
 from sbcrt.models.registry import UnknownArchitecture, get_architecture
+from sbcrt.runtime.atomic import check_writable
 from sbcrt.runtime.images import open_image
 from sbcrt.runtime.preprocess import Preprocessing, preprocess_image
 from sbcrt.train.head import stratified_folds
@@ -73,6 +74,7 @@ class FineTuneReport:
 
 
 def fine_tune(settings: FineTuneSettings, *, progress: Callable[[int, int], None] | None = None) -> FineTuneReport:
+    check_writable(settings.output)  # before the training: export_model checks again only after it
     try:
         spec = get_architecture(settings.architecture)
     except UnknownArchitecture as exc:

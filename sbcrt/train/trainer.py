@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from sbcrt.errors import SbcrtError, UsageError
+from sbcrt.runtime.atomic import check_writable
 from sbcrt.runtime.image_files import folder_images
 from sbcrt.train.features import AUGMENTATIONS, FeatureExtractor, open_base
 from sbcrt.train.head import LinearHead, balanced_weights, fit_head, stratified_folds
@@ -171,8 +172,7 @@ def train(settings: TrainSettings, *, progress: Callable[[int, int], None] | Non
         raise UsageError(f"unknown head {settings.head!r} (auto or one of {', '.join(HEAD_KINDS)})")
     if settings.folds < 2:
         raise UsageError("cross-validation needs at least 2 folds")
-    if settings.output.is_dir():
-        raise UsageError(f"{settings.output} is a folder; give the .onnx file to write")
+    check_writable(settings.output)  # a folder, a read-only mount or a full disk fails now, not after the fit
     labels, files = find_classes(settings.data)
     check_counts(labels, [len(f) for f in files])  # before loading anything: an empty folder fails at once
     base = open_base(settings.base_model)
