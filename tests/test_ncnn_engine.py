@@ -282,3 +282,19 @@ def test_the_int8_benchmark_writes_an_int8_model_ncnn_runs(tiny: Path) -> None:
         assert not np.array_equal(got, want)  # int8 ran: its logits are not fp32's bit for bit
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
         assert got.argmax() == want.argmax()
+
+
+def test_an_arm64_export_converts_the_cpu_neutral_graph_to_ncnn(tmp_path: Path) -> None:
+    """--target arm64 shapes the .onnx for onnxruntime's aarch64 kernels; the .ncnn beside it is pnnx's conversion
+    of the CPU-neutral graph (ncnn has direct depthwise kernels), not of those forms."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from sbcrt.export.pipeline import export_model
+
+    out = tmp_path / "lite0.onnx"
+    export_model("efficientnet_lite0", out, target="arm64", engine="ncnn")
+    assert {n.op_type for n in onnx.load(out).graph.node} >= {"Slice", "Transpose"}  # the arm64 forms
+    layers = [line.split()[0] for line in NcnnModel.read(companion(out)).param.decode().splitlines()[2:]]
+    assert layers.count("ConvolutionDepthWise") == 16  # Lite0's 16 depthwise convolutions, as ncnn layers
+    assert not {"Crop", "Permute", "Reshape"} & set(layers)

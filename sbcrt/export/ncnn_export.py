@@ -91,12 +91,17 @@ def convert(onnx_payload: bytes, input_shape: list[int], config: ModelConfig, so
     )
 
 
-def engine_for(data: bytes, output: Path):
-    """The runtime's own ncnn engine on the bytes about to be written (read back, digests and all): fp32,
-    1 thread."""
+def require_ncnn() -> None:
     from sbcrt.runtime.engines import NCNN_NEEDS, ncnn_available
-    from sbcrt.runtime.engines.ncnn import NcnnEngine
 
     if not ncnn_available():
         raise UsageError(f"{NCNN_NEEDS}: the export checks the ncnn model against PyTorch")
+
+
+def engine_for(data: bytes, output: Path):
+    """The runtime's own ncnn engine on the bytes about to be written (read back, digests and all): fp32,
+    1 thread."""
+    from sbcrt.runtime.engines.ncnn import NcnnEngine
+
+    require_ncnn()
     return NcnnEngine(output, threads=1, model=NcnnModel.from_bytes(data, str(output)))

@@ -179,6 +179,7 @@ def export_model(
         raise SettingError("engine", "ncnn is fp32 only (its fp16 is a runtime choice: {fp16})", engine, cites=["fp16"])
     if engine == "ncnn":
         ncnn_export.pnnx_executable()  # a missing converter should fail now, not after the export
+        ncnn_export.require_ncnn()  # and so should the ncnn the parity check runs it with
         check_writable(companion(output))
     # Before any of the slow work: a read-only or full place should fail now, not after a minute of exporting.
     check_writable(output)
@@ -198,8 +199,8 @@ def export_model(
         prepared = rewrite_for_inference(prepared)
     final = graph.to_onnx(prepared, spec.data.input_size, opset)
     neutral = final  # the CPU-neutral graph: what ncnn converts (the arm64 forms are for onnxruntime's kernels)
-    if target == "arm64":
-        final, forms = rewrite_depthwise(final)
+    if target == "arm64":  # a copy: rewrite_depthwise edits its argument, and `neutral` must stay CPU-neutral
+        final, forms = rewrite_depthwise(copy.deepcopy(final) if engine == "ncnn" else final)
         done = ", ".join(f"{n} {form}" for form, n in sorted(forms.items())) or "none applied"
         notes.append(f"arm64 depthwise forms: {done}")
     final_ops = graph.op_counts(final)
