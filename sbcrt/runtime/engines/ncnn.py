@@ -50,28 +50,30 @@ class NcnnEngine:
         if threads < 1:
             raise UsageError(f"threads must be at least 1, not {threads}")
         notes: list[str] = []
-        self.model = NcnnModel.read(path) if model is None else model
+        # Not kept: ncnn copies the weights as it loads them, and a Pi should not hold a second copy (55 MB on B).
+        model = NcnnModel.read(path) if model is None else model
         if source is not None and source.suffix == ".onnx" and source.is_file():
-            self._check_source(source)
+            self._check_source(source, model)
         digest_ms = (time.perf_counter() - started) * 1000
         if fp16 and not fp16_supported():
             notes.append(f"fp16 asked for, but this CPU has no half-precision arithmetic ({FP16_FEATURE}): fp32")
             fp16 = False
         self.fp16 = fp16
-        self.net = load_net(self.model, path, threads=threads, spin=spin, fp16=fp16)
+        self.net = load_net(model, path, threads=threads, spin=spin, fp16=fp16)
         import ncnn
 
         self._mat = ncnn.Mat
-        self.inputs = [TensorSpec(self.model.input_name, "tensor(float)", list(self.model.input_shape))]
-        self.outputs = [TensorSpec(self.model.output_name, "tensor(float)", list(self.model.output_shape))]
-        self.metadata = dict(self.model.metadata)
+        self._input_name, self._output_name = model.input_name, model.output_name
+        self.inputs = [TensorSpec(model.input_name, "tensor(float)", list(model.input_shape))]
+        self.outputs = [TensorSpec(model.output_name, "tensor(float)", list(model.output_shape))]
+        self.metadata = dict(model.metadata)
         load_ms = (time.perf_counter() - started) * 1000
         providers = [f"ncnn {ncnn.__version__} {'fp16' if fp16 else 'fp32'}"]
         self.info = SessionInfo(providers, threads, spin, None, False, load_ms, notes, digest_ms)
 
-    def _check_source(self, source: Path) -> None:
+    def _check_source(self, source: Path, model: NcnnModel) -> None:
         size, digest = source_digest(source)
-        if (size, digest) != (self.model.source_size, self.model.source_sha256):
+        if (size, digest) != (model.source_size, model.source_sha256):
             raise SettingError(
                 "engine",
                 f"model {self.path} was not converted from {source} (that file changed since): export both again "
@@ -94,8 +96,8 @@ class NcnnEngine:
 
     def _one(self, image: np.ndarray) -> np.ndarray:
         extractor = self.net.create_extractor()
-        extractor.input(self.model.input_name, self._mat(image))
-        status, out = extractor.extract(self.model.output_name)
+        extractor.input(self._input_name, self._mat(image))
+        status, out = extractor.extract(self._output_name)
         if status != 0:
             raise RuntimeError(f"ncnn could not run {self.path} (extract returned {status})")
         return np.array(out).reshape(-1)
