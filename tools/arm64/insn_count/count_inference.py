@@ -168,14 +168,7 @@ def count_ncnn_engine(args: argparse.Namespace) -> int:
     )
     spec = classifier.engine.inputs[0]
     value = fixed_input(spec.shape, spec.type, args.seed)
-    for _ in range(args.warmup):
-        out = classifier.run(value)
-    marker = RegionMarker()
-    gc.disable()
-    for _ in range(args.repeat):
-        marker.begin()
-        out = classifier.run(value)
-        marker.end()
+    out = run_counted(lambda: classifier.run(value), args.warmup, args.repeat)
     if args.logits:
         np.save(args.logits, out)
     info = classifier.session_info
