@@ -11,7 +11,6 @@ Only the protobuf encoding is used: a field is a varint key `(number << 3) | wir
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -233,16 +232,8 @@ def encode_bytes(number: int, payload: bytes | str) -> bytes:
     return _encode_varint(number << 3 | LENGTH) + _encode_varint(len(data)) + data
 
 
-def encode_float(number: int, value: float) -> bytes:
-    return _encode_varint(number << 3 | FIXED32) + struct.pack("<f", value)
-
-
 def attribute_int(name: str, value: int) -> bytes:
     return encode_bytes(ATTR_NAME, name) + encode_int(ATTR_I, value) + encode_int(ATTR_TYPE, ATTR_TYPE_INT)
-
-
-def attribute_float(name: str, value: float) -> bytes:
-    return encode_bytes(ATTR_NAME, name) + encode_float(ATTR_F, value) + encode_int(ATTR_TYPE, ATTR_TYPE_FLOAT)
 
 
 def node(op_type: str, inputs: Iterable[str], outputs: Iterable[str], name: str, *attributes: bytes) -> bytes:

@@ -86,8 +86,3 @@ def mapping(propagated: np.ndarray, y: np.ndarray, rows: np.ndarray, classes: in
             seeds[:, label] = propagated[:, members].mean(axis=1)
     seeds = np.maximum(seeds, 0.0) + MAPPING_FLOOR * max(float(seeds.max()), 1e-30)
     return seeds / seeds.sum(axis=1, keepdims=True)
-
-
-def prior_probabilities(base_logits: np.ndarray, mapping_matrix: np.ndarray, temperature: float) -> np.ndarray:
-    """P(label | x) = softmax(base logits / T) @ R: what the trained file computes."""
-    return softmax(base_logits / temperature) @ mapping_matrix

@@ -200,7 +200,7 @@ def train(settings: TrainSettings, *, progress: Callable[[int, int], None] | Non
     )
     report.notes += reference.notes
 
-    features, scores, targets, groups, centre_paths = [], [], [], [], []
+    features, scores, targets, centre_paths = [], [], [], []
     total = sum(len(f) for f in files)
     done = 0
     for label_index, photos in enumerate(files):
@@ -214,7 +214,6 @@ def train(settings: TrainSettings, *, progress: Callable[[int, int], None] | Non
                 features.append(result.features)
                 scores.append(result.scores)
                 targets.append(label_index)
-                groups.append(len(groups))
                 centre_paths.append(path)
                 report.cached_photos += int(result.cached)
             if progress:
